@@ -1,0 +1,231 @@
+"""Structured config schemas, validated at start-up.
+
+Hydra composes `configs/` on top of these dataclasses, so an unknown key or a wrong type fails while the command
+line is parsed; `validate()` then checks what types cannot express (divisibility, lengths, exclusive keys) and raises
+`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+QK_NORM_CHOICES = ("none", "qk", "q")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # Defaults to hidden_size // num_heads; set it for models whose heads are wider or narrower.
+    head_dim: int | None = None
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    # Hugging Face SmolLM3 convention: layer i is NoPE iff (i + 1) % interval == 0; 0 means RoPE everywhere.
+    no_rope_layer_interval: int | None = None
+    # Explicit per-layer list, 1 = RoPE, 0 = NoPE. Exclusive with no_rope_layer_interval.
+    no_rope_layers: list[int] | None = None
+    qk_norm: str = "none"
+    # Sliding-window attention on the RoPE layers only (NoPE layers stay global): RNoPE-SWA is a config.
+    sliding_window: int | None = None
+    # Multiplies the softmax logits (beta in DroPE's 1 + c ln(s)); evaluation raises it for long inputs.
+    attn_logit_scale: float = 1.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def rope_layers(self) -> list[bool]:
+        """Whether each layer applies RoPE, from whichever cadence key is set."""
+        if self.no_rope_layers is not None:
+            return [bool(flag) for flag in self.no_rope_layers]
+        interval = self.no_rope_layer_interval or 0
+        if interval == 0:
+            return [True] * self.num_layers
+        return [(i + 1) % interval != 0 for i in range(self.num_layers)]
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "zero1"
+    stage: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Merged last into the generated DeepSpeed JSON, for settings this schema does not name.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    # Synthetic source: tokens follow a fixed sparse bigram table, so the loss has somewhere to go.
+    successors_per_token: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # SmolLM3 keeps weight decay off the embeddings as well as off norms and biases.
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    # cosine: warmup then cosine to min_lr_ratio; wsd: warmup, constant, linear decay over the last decay_fraction.
+    name: str = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 2
+    # auto: continue from the newest complete checkpoint of run.dir if there is one; none: start fresh (refused
+    # if run.dir already has checkpoints); or a path to a checkpoint directory.
+    resume: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "nopetrain"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: str = "${model.name}"
+    dir: str = "runs/${run.name}"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    steps: int = 100
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    # Sequences per optimizer step over all ranks; gradient accumulation = global / (micro * world size).
+    global_batch_size: int = 8
+    # auto: bf16 where the device supports it, else fp32.
+    precision: str = "auto"
+    seed: int = 1234
+    log_every: int = 10
+    # Peak FLOP/s per device for MFU; when unset it comes from the device table in nopetrain.metrics.
+    peak_tflops: float | None = None
+    max_consecutive_nonfinite: int = 5
+    compile: bool = False
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    """Checks a model config; raises ConfigError naming the first bad key."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        _require(getattr(cfg, key) > 0, f"model.{key}={getattr(cfg, key)} must be positive")
+    if cfg.head_dim is None:
+        _require(
+            cfg.hidden_size % cfg.num_heads == 0,
+            f"model.num_heads={cfg.num_heads} must divide model.hidden_size={cfg.hidden_size} (or set model.head_dim)",
+        )
+    _require(cfg.resolved_head_dim % 2 == 0, f"model.head_dim={cfg.resolved_head_dim} must be even for RoPE")
+    _require(
+        cfg.num_heads % cfg.num_kv_heads == 0,
+        f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}",
+    )
+    _require(
+        cfg.no_rope_layer_interval is None or cfg.no_rope_layers is None,
+        "model.no_rope_layer_interval and model.no_rope_layers are exclusive; set one of them",
+    )
+    if cfg.no_rope_layer_interval is not None:
+        _require(
+            cfg.no_rope_layer_interval >= 0,
+            f"model.no_rope_layer_interval={cfg.no_rope_layer_interval} must be >= 0 (0 means RoPE everywhere)",
+        )
+    if cfg.no_rope_layers is not None:
+        _require(
+            len(cfg.no_rope_layers) == cfg.num_layers,
+            f"model.no_rope_layers has {len(cfg.no_rope_layers)} entries, model.num_layers={cfg.num_layers}",
+        )
+        _require(
+            all(flag in (0, 1) for flag in cfg.no_rope_layers),
+            f"model.no_rope_layers={list(cfg.no_rope_layers)} must hold only 1 (RoPE) and 0 (NoPE)",
+        )
+    _require(cfg.qk_norm in QK_NORM_CHOICES, f"model.qk_norm={cfg.qk_norm!r} must be one of {QK_NORM_CHOICES}")
+    _require(cfg.rope_theta > 0, f"model.rope_theta={cfg.rope_theta} must be positive")
+    _require(
+        cfg.sliding_window is None or cfg.sliding_window > 0,
+        f"model.sliding_window={cfg.sliding_window} must be positive or null",
+    )
+    _require(cfg.attn_logit_scale > 0, f"model.attn_logit_scale={cfg.attn_logit_scale} must be positive")
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Checks a whole training config for a given world size; raises ConfigError naming the first bad key."""
+    validate_model(cfg.model)
+    _require(cfg.deepspeed.stage in (1, 2, 3), f"deepspeed.stage={cfg.deepspeed.stage} must be 1, 2 or 3")
+    _require(
+        not cfg.deepspeed.offload_params or cfg.deepspeed.stage == 3,
+        "deepspeed.offload_params needs deepspeed.stage=3",
+    )
+    for key in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "max_consecutive_nonfinite"):
+        _require(getattr(cfg, key) > 0, f"{key}={getattr(cfg, key)} must be positive")
+    per_step = cfg.micro_batch_size * world_size
+    _require(
+        cfg.global_batch_size % per_step == 0,
+        f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size x world size = {per_step}",
+    )
+    _require(cfg.precision in ("auto", "bf16", "fp32"), f"precision={cfg.precision!r} must be auto, bf16 or fp32")
+    _require(cfg.schedule.name in ("cosine", "wsd"), f"schedule.name={cfg.schedule.name!r} must be cosine or wsd")
+    _require(cfg.schedule.warmup_steps >= 0, f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
+    _require(
+        0.0 <= cfg.schedule.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1]"
+    )
+    _require(
+        0.0 < cfg.schedule.decay_fraction <= 1.0,
+        f"schedule.decay_fraction={cfg.schedule.decay_fraction} must be in (0, 1]",
+    )
+    _require(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must have two entries")
+    _require(cfg.checkpoint.every > 0, f"checkpoint.every={cfg.checkpoint.every} must be positive")
+    _require(cfg.checkpoint.keep > 0, f"checkpoint.keep={cfg.checkpoint.keep} must be positive")
+    _require(
+        cfg.wandb.mode in ("online", "offline", "disabled"),
+        f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",
+    )
+    _require(cfg.data.name == "synthetic", f"data.name={cfg.data.name!r} is not a known data source")
+
+
+def register_configs() -> None:
+    """Registers the schema so that configs/train.yaml composes on top of it."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,126 @@
+"""Training metrics: model FLOPs, MFU, memory, the console progress bar and W&B.
+
+The step loop keeps running sums on the device; they are read back (one sync) every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nopetrain.config import ModelConfig, TrainConfig
+
+log = logging.getLogger("nopetrain")
+
+# Dense peak TFLOP/s per device, (bf16, fp32), from the vendors' data sheets; first substring match on the CUDA
+# device name wins, so more specific names come first. `peak_tflops` in the config overrides the table.
+PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
+    ("H100 PCIe", (756.0, 51.0)),
+    ("H100 NVL", (835.0, 60.0)),
+    ("H100", (989.0, 67.0)),
+    ("H200", (989.0, 67.0)),
+    ("GH200", (989.0, 67.0)),
+    ("B200", (2250.0, 80.0)),
+    ("A100", (312.0, 19.5)),
+    ("L40S", (362.0, 91.6)),
+    ("A10G", (70.0, 31.2)),
+]
+
+
+def peak_tflops(device: torch.device, bf16: bool, override: float | None) -> float | None:
+    """Peak dense TFLOP/s of one device, or None where it is unknown (CPUs, unlisted GPUs)."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16_peak, fp32_peak) in PEAK_TFLOPS:
+        if key in name:
+            return bf16_peak if bf16 else fp32_peak
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward: 6 x matmul parameters plus the attention scores
+    (12 x layers x heads x head_dim x keys attended, the PaLM/Megatron convention, not halved for causality).
+    The input embedding is a lookup and is not counted; the LM head is."""
+    d, head_dim = cfg.hidden_size, cfg.resolved_head_dim
+    attn_params = d * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp_params = 3 * d * cfg.intermediate_size
+    matmul_params = cfg.num_layers * (attn_params + mlp_params) + d * cfg.vocab_size
+    keys_attended = sum(
+        min(seq_len, cfg.sliding_window) if use_rope and cfg.sliding_window else seq_len
+        for use_rope in cfg.rope_layers()
+    )
+    return 6.0 * matmul_params + 12.0 * cfg.num_heads * head_dim * keys_attended
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Console lines, a progress bar on a terminal, and W&B, all from rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig, run_id: str, config_dict: dict[str, Any], start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.run = None
+        self.bar = None
+        if not enabled:
+            return
+        self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None)
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                group=cfg.wandb.group,
+                tags=list(cfg.wandb.tags),
+                name=cfg.run.name,
+                id=run_id,
+                resume="allow",
+                mode=cfg.wandb.mode,
+                dir=cfg.run.dir,
+                config=config_dict,
+            )
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        line = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        if self.bar is not None and not self.bar.disable:
+            self.bar.set_postfix_str(
+                f"loss={_fmt(metrics['loss'])} tok/s={_fmt(metrics['tokens_per_s'])}", refresh=False
+            )
+            self.bar.write(f"step {step}  {line}", file=sys.stderr)
+        else:
+            log.info("step %d  %s", step, line)
+
+    def event(self, message: str) -> None:
+        if self.enabled:
+            log.info(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

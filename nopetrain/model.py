@@ -1,0 +1,149 @@
+"""Llama/SmolLM3-style decoder with a per-layer choice of RoPE or NoPE.
+
+Embeddings -> N x [RMSNorm -> grouped-query attention -> residual, RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
+LM head. Which layers rotate q and k comes from the config (`ModelConfig.rope_layers`); DroPE flips them all off
+later (nopetrain/drope.py). Weights are initialised inside each module's constructor so that DeepSpeed's
+`zero.Init` can partition them as they are built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nopetrain.config import ModelConfig
+from nopetrain.kernels import attention, qk_norm_rope, rms_norm
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer initialised N(0, std)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float) -> None:
+        self.std = std
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, num_embeddings: int, dim: int, std: float) -> None:
+        self.std = std
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables (batch or 1, seq, head_dim) for integer positions (batch or 1, seq).
+
+    Always fp32: bf16 tables lose the low-frequency angles and are known to diverge training."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_rope: bool) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        self.use_rope = use_rope
+        self.sliding_window = cfg.sliding_window
+        self.norm_eps = cfg.norm_eps
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, cfg.init_std)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, cfg.init_std)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm in ("qk", "q") else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "qk" else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], logit_scale: float) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        cos, sin = rope if self.use_rope else (None, None)
+        q, k = qk_norm_rope(
+            q,
+            k,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            cos,
+            sin,
+            logit_scale,
+            self.norm_eps,
+        )
+        # The window belongs to the RoPE layers (RNoPE-SWA); NoPE layers, and every layer after DroPE, are global.
+        window = self.sliding_window if self.use_rope else None
+        out = attention(q, k, v, window)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.init_std)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.init_std)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_rope: bool) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg, use_rope)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], logit_scale: float) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, logit_scale)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg, use_rope) for use_rope in cfg.rope_layers())
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
+        if cfg.tie_embeddings:
+            # One Parameter owned by both modules, so ZeRO-3 gathers it for each of their forwards.
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq); positions default to 0..seq-1."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        rope = rope_tables(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, rope, self.config.attn_logit_scale)
+        return self.lm_head(self.norm(x))
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; labels equal to -100 are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once), also on meta-device and ZeRO-3-partitioned models."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

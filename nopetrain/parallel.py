@@ -1,0 +1,114 @@
+"""Process group set-up and the DeepSpeed ZeRO engine: one process (`python train.py`) or many (torchrun).
+
+gloo on CPU, NCCL on GPU. The DeepSpeed JSON is generated from the structured config so that every setting has
+one source; `deepspeed.extra` is merged last for anything the schema does not name.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+from nopetrain.config import TrainConfig
+from nopetrain.model import Transformer
+from nopetrain.optim import param_groups
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    """Joins the process group torchrun describes in the environment, or makes a group of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 where the device supports it (precision=auto), fp32 on request or on CPU."""
+    if precision == "bf16":
+        return True
+    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    return cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.deepspeed.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+            },
+        },
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        # The trainer does its own logging; keep DeepSpeed's periodic prints out of the console.
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, dict(cfg.deepspeed.extra))
+
+
+def build_engine(cfg: TrainConfig, env: DistEnv) -> DeepSpeedEngine:
+    """Builds the model (partitioned as it is constructed under ZeRO-3) and wraps it in a DeepSpeed engine."""
+    ds_config = deepspeed_config(cfg, env.world_size, use_bf16(cfg.precision, env.device))
+    torch.manual_seed(cfg.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.deepspeed.stage == 3):
+        model = Transformer(cfg.model)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config, dist_init_required=False
+    )
+    return engine

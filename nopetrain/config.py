@@ -131,6 +131,8 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
     steps: int = 100
+    # Checkpoint and exit once this global step is reached; the LR schedule still spans `steps` (time-sliced jobs).
+    stop_at_step: int | None = None
     seq_len: int = 256
     micro_batch_size: int = 8
     # Sequences per optimizer step over all ranks; gradient accumulation = global / (micro * world size).
@@ -201,6 +203,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     )
     for key in ("steps", "seq_len", "micro_batch_size", "global_batch_size", "log_every", "max_consecutive_nonfinite"):
         _require(getattr(cfg, key) > 0, f"{key}={getattr(cfg, key)} must be positive")
+    _require(
+        cfg.stop_at_step is None or 0 < cfg.stop_at_step <= cfg.steps,
+        f"stop_at_step={cfg.stop_at_step} must be in [1, steps={cfg.steps}]",
+    )
     per_step = cfg.micro_batch_size * world_size
     _require(
         cfg.global_batch_size % per_step == 0,

@@ -5,9 +5,11 @@ The step loop keeps running sums on the device; they are read back (one sync) ev
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,14 +70,16 @@ def memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Console lines, a progress bar on a terminal, and W&B, all from rank 0 only."""
+    """Console lines, a progress bar on a terminal, run.dir/metrics.jsonl (full precision) and W&B; rank 0 only."""
 
     def __init__(self, cfg: TrainConfig, run_id: str, config_dict: dict[str, Any], start_step: int, enabled: bool):
         self.enabled = enabled
         self.run = None
         self.bar = None
+        self.jsonl = None
         if not enabled:
             return
+        self.jsonl = open(Path(cfg.run.dir) / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None)
         if cfg.wandb.mode != "disabled":
             import wandb
@@ -102,6 +106,8 @@ class MetricsLogger:
             return
         if self.run is not None:
             self.run.log(metrics, step=step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
         line = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(
@@ -116,6 +122,8 @@ class MetricsLogger:
             log.info(message)
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.bar is not None:
             self.bar.close()
         if self.run is not None:

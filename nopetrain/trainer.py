@@ -109,13 +109,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg.seq_len,
         "bf16" if bf16 else "fp32",
     )
-    if state["step"] >= cfg.steps:
-        log.info("run %s is already complete at step %d (steps=%d); nothing to do", run_dir, state["step"], cfg.steps)
+    last_step = cfg.stop_at_step or cfg.steps
+    if state["step"] >= last_step:
+        log.info("run %s is already at step %d (of %d); nothing to do", run_dir, state["step"], last_step)
         return state
     if cfg.compile:
         engine.compile()
 
     metrics = MetricsLogger(cfg, state["wandb_run_id"], config_dict, state["step"], enabled=env.is_main)
+    metrics.event(f"training steps {state['step'] + 1}-{last_step} of {cfg.steps}; run directory {run_dir}")
     flops_per_step = flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch_size * cfg.seq_len
     peak = peak_tflops(env.device, bf16, cfg.peak_tflops)
     loss_sum = torch.zeros((), device=env.device)
@@ -123,7 +125,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     skipped_seen, consecutive_skipped = engine.skipped_steps, 0
     interval_start, interval_steps = time.perf_counter(), 0
     try:
-        while state["step"] < cfg.steps:
+        while state["step"] < last_step:
             lr = lr_at(state["step"], cfg.steps, cfg.optim.lr, cfg.schedule)
             set_lr(engine, lr)
             for _ in range(accumulation):
@@ -152,7 +154,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     f"{saved[-1] if saved else 'none'}"
                 )
 
-            done = state["step"] >= cfg.steps
+            done = state["step"] >= last_step
             if state["step"] % cfg.log_every == 0 or done:
                 totals = torch.stack([loss_sum, finite_micro_batches])
                 dist.all_reduce(totals)

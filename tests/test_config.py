@@ -1,0 +1,77 @@
+"""Bad configs fail at start with one line naming the key; good ones compose through real Hydra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nopetrain.config import ConfigError, TrainConfig, register_configs, validate
+
+from .helpers import REPO, subprocess_env
+
+
+def composed(*overrides: str) -> TrainConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.num_heads=3"], "model.num_heads"),
+        (["model.num_kv_heads=3"], "model.num_kv_heads"),
+        (["model.no_rope_layer_interval=-1"], "model.no_rope_layer_interval"),
+        (["model.no_rope_layer_interval=null", "model.no_rope_layers=[1,0,1]"], "model.no_rope_layers"),
+        (["model.no_rope_layers=[1,1,1,0]"], "model.no_rope_layer_interval and model.no_rope_layers"),
+        (["model.qk_norm=k"], "model.qk_norm"),
+        (["global_batch_size=12"], "global_batch_size"),
+        (["deepspeed.stage=4"], "deepspeed.stage"),
+        (["stop_at_step=500"], "stop_at_step"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        validate(composed(*overrides), world_size=1)
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_every_preset_and_zero_stage_validates():
+    for preset in ["tiny", "smollm_135m", "smollm_360m", "smollm_1p7b", "smollm3_3b", "llama2_7b"]:
+        for stage in ["zero1", "zero2", "zero3", "zero3_offload"]:
+            validate(composed(f"model={preset}", f"deepspeed={stage}"), world_size=1)
+
+
+def test_typo_in_a_key_fails_while_composing():
+    with pytest.raises(Exception, match="hiden_size"):
+        composed("model.hiden_size=64")
+
+
+def run_cli(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *overrides],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    proc = run_cli(f"run.dir={tmp_path}/run", "model.num_heads=3")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nopetrain: error:")]
+    assert errors == ["nopetrain: error: model.num_heads=3 must divide model.hidden_size=128 (or set model.head_dim)"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_unknown_preset_names_the_group(tmp_path):
+    proc = run_cli(f"run.dir={tmp_path}/run", "model=smollm_9000b")
+    assert proc.returncode != 0
+    assert "Could not find 'model/smollm_9000b'" in proc.stderr.splitlines()[0]

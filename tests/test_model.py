@@ -1,0 +1,159 @@
+"""Model semantics: the NoPE cadence, the prefix-permutation property, DroPE, sliding windows, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nopetrain.config import ModelConfig, register_configs
+from nopetrain.drope import drop_rope
+from nopetrain.model import Transformer, count_parameters, lm_loss, rope_tables
+
+from .helpers import REPO
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=8, num_heads=4, num_kv_heads=2)
+    return ModelConfig(**{**base, **overrides})
+
+
+def build(cfg: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(cfg).eval()
+
+
+def prefix_permutation_changes(fn, x: torch.Tensor, i: int) -> bool:
+    """Whether output position i of fn changes when the inputs before i are permuted (batch dim 0, seq dim 1)."""
+    perm = torch.cat([torch.randperm(i, generator=torch.Generator().manual_seed(1)), torch.arange(i, x.shape[1])])
+    assert not torch.equal(perm[:i], torch.arange(i))
+    with torch.no_grad():
+        return not torch.allclose(fn(x)[:, i], fn(x[:, perm])[:, i], atol=1e-5, rtol=1e-5)
+
+
+def attention_of(layer):
+    """The layer's attention as a function of its input (batch, seq, hidden), positions 0..seq-1."""
+    attn = layer.attn
+
+    def fn(x):
+        return attn(x, rope_tables(torch.arange(x.shape[1])[None], attn.head_dim, 10000.0), 1.0)
+
+    return fn
+
+
+def test_interval_four_on_eight_layers_puts_nope_at_3_and_7():
+    cfg = tiny(no_rope_layer_interval=4)
+    assert [i for i, rope in enumerate(cfg.rope_layers()) if not rope] == [3, 7]
+    model = build(cfg)
+    assert [i for i, layer in enumerate(model.layers) if not layer.attn.use_rope] == [3, 7]
+
+
+def test_explicit_list_and_interval_zero():
+    assert tiny(no_rope_layers=[1, 0, 1, 1, 0, 1, 1, 1]).rope_layers() == [bool(f) for f in [1, 0, 1, 1, 0, 1, 1, 1]]
+    assert tiny(no_rope_layer_interval=0).rope_layers() == [True] * 8
+    assert tiny().rope_layers() == [True] * 8
+
+
+def test_nope_layers_are_invariant_to_prefix_permutation_and_rope_layers_are_not():
+    model = build(tiny(no_rope_layer_interval=4))
+    x = torch.randn(2, 12, 32)
+    for index, layer in enumerate(model.layers):
+        changes = prefix_permutation_changes(attention_of(layer), x, i=9)
+        assert changes == layer.attn.use_rope, f"layer {index}"
+
+
+@pytest.mark.parametrize("qk_norm", ["none", "qk", "q"])
+def test_drope_makes_every_layer_prefix_invariant(qk_norm):
+    model = build(tiny(no_rope_layer_interval=4))
+    params_before = count_parameters(model)
+
+    new_params = drop_rope(model, qk_norm=qk_norm)
+
+    head_dim, layers = 8, 8
+    expected_new = {"none": 0, "q": layers * head_dim, "qk": 2 * layers * head_dim}[qk_norm]
+    assert sum(p.numel() for p in new_params) == expected_new
+    assert count_parameters(model) == params_before + expected_new
+    assert all(torch.equal(p, torch.ones_like(p)) for p in new_params)
+    assert model.config.rope_layers() == [False] * layers
+    assert model.config.qk_norm == qk_norm
+    x = torch.randn(2, 12, 32)
+    for index, layer in enumerate(model.layers):
+        assert not prefix_permutation_changes(attention_of(layer), x, i=9), f"layer {index}"
+
+
+def test_drope_with_unit_gains_leaves_logits_unchanged_where_norm_is_identity():
+    # Dropping RoPE changes the function, but adding QK-norm must not touch anything else: with qk_norm=none the
+    # drop of an all-NoPE model is the identity.
+    model = build(tiny(no_rope_layers=[0] * 8))
+    tokens = torch.randint(64, (2, 10))
+    with torch.no_grad():
+        before = model(tokens)
+        drop_rope(model, qk_norm="none")
+        torch.testing.assert_close(model(tokens), before)
+
+
+def test_sliding_window_limits_rope_layers_only():
+    window = 4
+    model = build(tiny(no_rope_layer_interval=2, sliding_window=window))
+    x = torch.randn(1, 12, 32)
+    i = 10
+    far = x.clone()
+    far[:, : i - window + 1] = torch.randn(1, i - window + 1, 32)
+    for index, layer in enumerate(model.layers):
+        fn = attention_of(layer)
+        with torch.no_grad():
+            unchanged = torch.allclose(fn(x)[:, i], fn(far)[:, i], atol=1e-6)
+        assert unchanged == layer.attn.use_rope, f"layer {index}: window applies to RoPE layers only"
+
+
+def test_logit_scale_sharpens_attention():
+    cfg = tiny(attn_logit_scale=1.0)
+    model = build(cfg)
+    tokens = torch.randint(64, (1, 10))
+    with torch.no_grad():
+        base = model(tokens)
+        model.config.attn_logit_scale = 2.0
+        assert not torch.allclose(model(tokens), base)
+
+
+PUBLISHED_PARAMETERS = {
+    "tiny": None,
+    "smollm_135m": 134_515_008,
+    "smollm_360m": 361_821_120,
+    "smollm_1p7b": 1_711_376_384,
+    "smollm3_3b": 3_075_098_624,
+    "llama2_7b": 6_738_415_616,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMETERS))
+def test_preset_parameter_counts_match_published(preset):
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=[f"model={preset}"]))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    if PUBLISHED_PARAMETERS[preset] is not None:
+        assert count_parameters(model) == PUBLISHED_PARAMETERS[preset]
+    if preset == "smollm3_3b":
+        assert [i for i, rope in enumerate(cfg.model.rope_layers()) if not rope] == list(range(3, 36, 4))
+
+
+def test_forward_and_loss_compile_as_one_graph():
+    # fullgraph=True turns any graph break into an error; the backward then runs AOTAutograd's compiled graph.
+    model = build(tiny(num_layers=2, no_rope_layer_interval=2, qk_norm="qk", sliding_window=8))
+    tokens = torch.randint(64, (2, 16))
+
+    def loss_fn(t):
+        return lm_loss(model(t[:, :-1]), t[:, 1:])
+
+    compiled_loss = torch.compile(loss_fn, fullgraph=True)(tokens)
+    compiled_loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager_loss = loss_fn(tokens)
+    eager_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for compiled_grad, p in zip(compiled_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(compiled_grad, p.grad, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,133 @@
+"""Real DeepSpeed runs on CPU (gloo): ZeRO stages agree with one process, resume is exact, crashes and
+non-finite losses leave usable checkpoints, W&B writes an offline run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nopetrain.checkpoint import INCOMPLETE_PREFIX, complete_checkpoints
+
+from .helpers import REPO, losses, run_train, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+# Global batch 8 = 1 process x 2 accumulation x 4, or 2 processes x 1 x 4.
+BATCH = ("global_batch_size=8", "micro_batch_size=4", "seq_len=64")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    run_train(run_dir, "steps=5", *BATCH)
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_two_processes_match_one_process(tmp_path, stage, one_process_run):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "steps=5", f"deepspeed={stage}", *BATCH, nproc=2)
+    two = losses(run_dir)
+    assert sorted(two) == [1, 2, 3, 4, 5]
+    for step, loss in one_process_run.items():
+        assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+    assert one_process_run[5] < one_process_run[1]
+
+
+def test_resume_is_exact(tmp_path):
+    straight = tmp_path / "straight"
+    run_train(straight, "steps=10", *BATCH)
+    resumed = tmp_path / "resumed"
+    run_train(resumed, "steps=10", "stop_at_step=5", *BATCH)
+    assert [p.name for p in complete_checkpoints(resumed / "checkpoints")] == ["step_00000005"]
+    run_train(resumed, "steps=10", *BATCH)
+    assert losses(resumed) == losses(straight)
+    state = json.loads((resumed / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
+    assert state["step"] == 10
+    assert state["tokens_seen"] == 10 * 8 * 64
+    assert state["config"]["model"]["name"] == "tiny"
+
+
+def test_two_process_zero3_resume(tmp_path):
+    straight = tmp_path / "straight"
+    run_train(straight, "steps=4", "deepspeed=zero3", *BATCH, nproc=2)
+    resumed = tmp_path / "resumed"
+    run_train(resumed, "steps=4", "stop_at_step=2", "deepspeed=zero3", *BATCH, nproc=2)
+    run_train(resumed, "steps=4", "deepspeed=zero3", *BATCH, nproc=2)
+    assert losses(resumed) == losses(straight)
+
+
+def test_resume_refuses_a_changed_architecture(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "steps=1", *BATCH)
+    proc = run_train(run_dir, "steps=2", "model.num_layers=2", *BATCH, check=False)
+    assert proc.returncode == 2
+    assert "model.num_layers=2" in proc.stderr and "step_00000001" in proc.stderr
+    fresh = run_train(run_dir, "steps=2", "checkpoint.resume=none", *BATCH, check=False)
+    assert fresh.returncode == 2 and "checkpoint.resume=none" in fresh.stderr
+
+
+def test_crash_during_save_leaves_previous_checkpoint_usable(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", "precision=fp32", "wandb.mode=disabled", "steps=200", "checkpoint.every=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args, *BATCH],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root = run_dir / "checkpoints"
+    deadline = time.monotonic() + 300
+    try:
+        # Kill as soon as a save is in flight after at least two complete ones: the worst moment to crash.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(complete_checkpoints(root)) >= 2 and any(root.glob(INCOMPLETE_PREFIX + "*")):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(root.glob(INCOMPLETE_PREFIX + "*")), "the kill did not land during a save"
+    last_complete = complete_checkpoints(root)[-1]
+    step = int(last_complete.name.split("_")[1])
+
+    proc = run_train(run_dir, "steps=200", f"stop_at_step={step + 1}", "checkpoint.every=1", *BATCH)
+    assert f"resumed from {last_complete}" in proc.stderr
+    assert not any(root.glob(INCOMPLETE_PREFIX + "*"))
+    assert complete_checkpoints(root)[-1].name == f"step_{step + 1:08d}"
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "steps=4", "checkpoint.every=4", *BATCH)
+    # A learning rate this large sends the weights to infinity after one update; every loss after it is NaN.
+    proc = run_train(
+        run_dir, "steps=20", "optim.lr=1e30", "max_consecutive_nonfinite=3", "checkpoint.every=1", *BATCH, check=False
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("nopetrain: error:")]
+    assert len(error) == 1
+    assert "3 optimizer steps in a row" in error[0]
+    assert "non-finite" in error[0]
+    assert "update skipped" in proc.stderr
+    last_good = complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert last_good.name in error[0]
+    # The last good checkpoint still trains.
+    run_train(run_dir, "steps=20", f"checkpoint.resume={last_good}", "stop_at_step=7", *BATCH)
+
+
+def test_wandb_offline_run_and_saved_config(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "steps=2", *BATCH)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))
+    saved = (run_dir / "config.yaml").read_text()
+    assert "no_rope_layer_interval: 4" in saved and "global_batch_size: 8" in saved

@@ -1,0 +1,35 @@
+# The two commands a newcomer runs: `make train` (tiny end-to-end pretraining on CPU) and `make test`.
+# Each sets up .venv on first use: torch 2.13.0 first (CPU build here, CUDA build on a GPU cluster), then the rest.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# DeepSpeed compiles its C++ ops on first start; keep them across clones and CI runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/nopetrain/torch_extensions
+export WANDB_MODE ?= offline
+RUN ?= demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: train test lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py run.name=$(RUN) steps=400 log_every=25 checkpoint.every=200
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

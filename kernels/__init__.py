@@ -5,7 +5,7 @@ package of that name. Each op has a plain PyTorch reference that the CPU path ru
 against.
 """
 
-from nopetrain.kernels.attention import attention, flash_attn_available
+from nopetrain.kernels.attention import DocumentSegments, attention, flash_attn_available
 from nopetrain.kernels.reference import apply_rope, qk_norm_rope, rms_norm
 
-__all__ = ["apply_rope", "attention", "flash_attn_available", "qk_norm_rope", "rms_norm"]
+__all__ = ["DocumentSegments", "apply_rope", "attention", "flash_attn_available", "qk_norm_rope", "rms_norm"]

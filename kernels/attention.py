@@ -1,8 +1,9 @@
-"""Causal attention: flash-attn on CUDA when it is installed, else torch SDPA."""
+"""Causal attention: flash-attn on CUDA when it is installed, else torch SDPA; optionally within documents only."""
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,26 +16,69 @@ def flash_attn_available() -> bool:
 _USE_FLASH = flash_attn_available()
 
 
-def _sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean (seq, seq) mask: query i sees keys j with i - window < j <= i."""
+@dataclass
+class DocumentSegments:
+    """Packed documents of a micro-batch, in the two forms the backends want. Built on the host by the data loader,
+    so attention needs no host sync: flash-attn's max_seqlen is the sequence length, a valid upper bound."""
+
+    ids: torch.Tensor  # (batch, seq) int32: a segment number per token, increasing along the row
+    cu_seqlens: torch.Tensor  # (segments + 1,) int32: segment boundaries in the flattened (batch * seq) tokens
+
+    def to(self, device: torch.device) -> DocumentSegments:
+        return DocumentSegments(self.ids.to(device, non_blocking=True), self.cu_seqlens.to(device, non_blocking=True))
+
+
+def _mask(seq_len: int, window: int | None, segments: DocumentSegments | None, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True where query i may see key j: j <= i, i - j < window, same document."""
     offsets = torch.arange(seq_len, device=device)[:, None] - torch.arange(seq_len, device=device)[None, :]
-    return (offsets >= 0) & (offsets < window)
+    allowed = offsets >= 0
+    if window is not None:
+        allowed = allowed & (offsets < window)
+    if segments is None:
+        return allowed
+    same_document = segments.ids[:, :, None] == segments.ids[:, None, :]
+    return (allowed & same_document)[:, None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None = None,
+    segments: DocumentSegments | None = None,
+) -> torch.Tensor:
     """q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim) -> (batch, seq, heads, head_dim).
 
     Softmax scale is head_dim ** -0.5; any extra logit scale is already folded into q. `window` limits each query
-    to the last `window` keys (itself included)."""
+    to the last `window` keys (itself included); `segments` keeps attention inside each packed document."""
+    batch, seq_len = q.shape[:2]
+    if window is not None and window >= seq_len:
+        window = None
     if _USE_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        from flash_attn import flash_attn_func
-
         window_size = (window - 1, 0) if window is not None else (-1, -1)
-        return flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        if segments is None:
+            from flash_attn import flash_attn_func
+
+            return flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        from flash_attn import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(
+            q.flatten(0, 1),
+            k.flatten(0, 1),
+            v.flatten(0, 1),
+            segments.cu_seqlens,
+            segments.cu_seqlens,
+            seq_len,
+            seq_len,
+            causal=True,
+            window_size=window_size,
+        )
+        return out.unflatten(0, (batch, seq_len))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if window is None or window >= q.shape[2]:
+    if window is None and segments is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
-        mask = _sliding_window_mask(q.shape[2], window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_mask(seq_len, window, segments, q.device), enable_gqa=True
+        )
     return out.transpose(1, 2)

@@ -70,8 +70,26 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class SourceConfig:
+    # A directory (or URL) holding a manifest.json written by `nopetrain.data_pipelines tokenize`, or a brace
+    # pattern / list of webdataset .tar URLs (e.g. "s3://bucket/web-{000000..000099}.tar" via webdataset's gopen).
+    path: str = "???"
+    # Relative sampling weight; phases of a curriculum change it while the run goes on.
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"
+    # shards: webdataset token shards mixed by weight; synthetic: a built-in generator, no files needed.
+    kind: str = "synthetic"
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # DataLoader worker processes per source and rank; 0 reads in the training process.
+    num_workers: int = 1
+    # Positions restart at each document and attention does not cross documents.
+    document_masking: bool = True
+    # raise: a bad shard stops the run naming shard and sample; skip: the shard is skipped, counted and logged.
+    on_error: str = "raise"
     # Synthetic source: tokens follow a fixed sparse bigram table, so the loss has somewhere to go.
     successors_per_token: int = 4
 
@@ -229,7 +247,17 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         cfg.wandb.mode in ("online", "offline", "disabled"),
         f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",
     )
-    _require(cfg.data.name == "synthetic", f"data.name={cfg.data.name!r} is not a known data source")
+    _require(cfg.data.kind in ("shards", "synthetic"), f"data.kind={cfg.data.kind!r} must be shards or synthetic")
+    _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error!r} must be raise or skip")
+    _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.data.kind == "shards":
+        _require(bool(cfg.data.sources), "data.sources is empty; name at least one source for data.kind=shards")
+        for name, source in cfg.data.sources.items():
+            _require(source.weight >= 0, f"data.sources.{name}.weight={source.weight} must be >= 0")
+        _require(
+            sum(source.weight for source in cfg.data.sources.values()) > 0,
+            "data.sources: at least one weight must be positive",
+        )
 
 
 def register_configs() -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nopetrain.config import ModelConfig
-from nopetrain.kernels import attention, qk_norm_rope, rms_norm
+from nopetrain.kernels import DocumentSegments, attention, qk_norm_rope, rms_norm
 
 
 class Linear(nn.Linear):
@@ -70,7 +70,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm in ("qk", "q") else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "qk" else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], logit_scale: float) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        logit_scale: float,
+        segments: DocumentSegments | None = None,
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -88,7 +94,7 @@ class Attention(nn.Module):
         )
         # The window belongs to the RoPE layers (RNoPE-SWA); NoPE layers, and every layer after DroPE, are global.
         window = self.sliding_window if self.use_rope else None
-        out = attention(q, k, v, window)
+        out = attention(q, k, v, window, segments)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
 
@@ -111,8 +117,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], logit_scale: float) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, logit_scale)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        logit_scale: float,
+        segments: DocumentSegments | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, logit_scale, segments)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -128,14 +140,20 @@ class Transformer(nn.Module):
             # One Parameter owned by both modules, so ZeRO-3 gathers it for each of their forwards.
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq); positions default to 0..seq-1."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segments: DocumentSegments | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq). Positions default to 0..seq-1; with packed
+        documents they restart at each document and `segments` keeps attention inside each one."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         rope = rope_tables(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, self.config.attn_logit_scale)
+            x = layer(x, rope, self.config.attn_logit_scale, segments)
         return self.lm_head(self.norm(x))
 
 

@@ -6,12 +6,15 @@ resumed run sees the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from nopetrain.config import TrainConfig
+from nopetrain.kernels import DocumentSegments
 
 
 @dataclass
@@ -19,12 +22,47 @@ class Batch:
     input_ids: torch.Tensor  # (micro_batch, seq) int64
     labels: torch.Tensor  # (micro_batch, seq) int64, -100 where no loss is taken
     position_ids: torch.Tensor | None = None  # (micro_batch, seq); None means 0..seq-1
+    segments: DocumentSegments | None = None  # packed documents; None means one causal sequence per row
+    keys: list[str] = field(default_factory=list)  # where each row came from: "source/shard/sample"
 
     def to(self, device: torch.device) -> Batch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+        return Batch(
+            self.input_ids.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
+            None if self.position_ids is None else self.position_ids.to(device, non_blocking=True),
+            None if self.segments is None else self.segments.to(device),
+            self.keys,
+        )
 
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids))
+
+def batch_from_chunks(
+    chunks: np.ndarray, starts: Sequence[np.ndarray], document_masking: bool, keys: list[str] | None = None
+) -> Batch:
+    """A batch from packed chunks (rows of seq_len + 1 tokens) and, per row, the offsets where documents begin.
+
+    With document masking, positions restart at every document, attention stays inside it, and the last token of a
+    document is not asked to predict the first token of the next one."""
+    tokens = torch.from_numpy(chunks.astype(np.int64))
+    batch = Batch(input_ids=tokens[:, :-1], labels=tokens[:, 1:].clone(), keys=keys or [])
+    if not document_masking:
+        return batch
+    rows, seq_len = batch.input_ids.shape
+    begins = np.zeros((rows, seq_len), dtype=bool)
+    begins[:, 0] = True
+    for row, offsets in enumerate(starts):
+        offsets = np.asarray(offsets, dtype=np.int64)
+        begins[row, offsets[offsets < seq_len]] = True
+        # The token before a document start ends the previous document: no cross-document target.
+        ends = offsets[(offsets > 0) & (offsets <= seq_len)] - 1
+        batch.labels[row, ends] = -100
+    segment_ids = np.cumsum(begins, axis=1) - 1
+    index = np.arange(seq_len)
+    segment_start = np.maximum.accumulate(np.where(begins, index, 0), axis=1)
+    flat_begins = np.flatnonzero(begins.reshape(-1))
+    cu_seqlens = np.append(flat_begins, rows * seq_len).astype(np.int32)
+    batch.position_ids = torch.from_numpy(index - segment_start)
+    batch.segments = DocumentSegments(torch.from_numpy(segment_ids.astype(np.int32)), torch.from_numpy(cu_seqlens))
+    return batch
 
 
 class TokenStream(Protocol):

@@ -130,7 +130,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             set_lr(engine, lr)
             for _ in range(accumulation):
                 batch = stream.next_batch().to(env.device)
-                loss = lm_loss(engine(batch.input_ids, batch.position_ids), batch.labels)
+                loss = lm_loss(engine(batch.input_ids, batch.position_ids, batch.segments), batch.labels)
                 engine.backward(loss)
                 engine.step()
                 finite = torch.isfinite(loss.detach())
@@ -177,6 +177,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 }
                 if peak is not None:
                     row["mfu"] = tflops / peak
+                row.update(stream.stats())
                 metrics.log(state["step"], row)
                 loss_sum.zero_()
                 finite_micro_batches.zero_()
@@ -194,4 +195,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 metrics.event(f"checkpoint saved: {path}")
     finally:
         metrics.close()
+        stream.close()
     return state

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nopetrain.config import ModelConfig, register_configs
+from nopetrain.data import batch_from_chunks
 from nopetrain.drope import drop_rope
 from nopetrain.model import Transformer, count_parameters, lm_loss, rope_tables
 
@@ -157,3 +159,19 @@ def test_forward_and_loss_compile_as_one_graph():
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
     for compiled_grad, p in zip(compiled_grads, model.parameters(), strict=True):
         torch.testing.assert_close(compiled_grad, p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_documents_give_the_logits_of_separate_runs(window):
+    model = build(tiny(no_rope_layer_interval=2, sliding_window=window))
+    first, second = torch.randint(64, (1, 7)), torch.randint(64, (1, 9))
+    packed = torch.cat([first, second], dim=1)
+    chunk = torch.cat([packed, torch.zeros(1, 1, dtype=torch.long)], dim=1).numpy()
+    batch = batch_from_chunks(chunk, [np.array([0, 7])], document_masking=True)
+    with torch.no_grad():
+        together = model(batch.input_ids, batch.position_ids, batch.segments)
+        torch.testing.assert_close(together[:, :7], model(first), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together[:, 7:], model(second), atol=1e-5, rtol=1e-5)
+        # Without the mask the second document sees the first: the test can fail.
+        unmasked = model(batch.input_ids, batch.position_ids)
+        assert not torch.allclose(unmasked[:, 7:], model(second), atol=1e-3)

@@ -72,8 +72,19 @@ class TokenStream(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics log, e.g. samples drawn per source."""
+        ...
+
+    def close(self) -> None: ...
+
 
 def build_stream(cfg: TrainConfig, rank: int, world_size: int) -> TokenStream:
-    from nopetrain.data.synthetic import SyntheticStream
+    """This rank's stream for `data.kind`: webdataset shards mixed by weight, or the synthetic generator."""
+    if cfg.data.kind == "synthetic":
+        from nopetrain.data.synthetic import SyntheticStream
 
-    return SyntheticStream(cfg, rank, world_size)
+        return SyntheticStream(cfg, rank, world_size)
+    from nopetrain.data.streaming import ShardMixtureStream
+
+    return ShardMixtureStream(cfg, rank, world_size)

@@ -49,3 +49,9 @@ class SyntheticStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_samples = int(state["global_samples"])
+
+    def stats(self) -> dict[str, float]:
+        return {"samples/synthetic": float(self.global_samples)}
+
+    def close(self) -> None:
+        """Nothing to release: the generator holds no files or workers."""

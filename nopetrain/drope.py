@@ -1,37 +1,42 @@
 """DroPE: drop the rotary position embedding from every attention layer of a trained model.
 
 After the drop the model keeps training at the same context length (recalibration); it then generalises zero-shot
-beyond that length (Gelberg et al., shared/seeds/003). Optional QK-norm, added with unit gains, keeps
-recalibration stable at high learning rates. The curriculum decides when to call this.
+beyond that length (Gelberg et al., shared/seeds/003). Optional QK-norm, switched on with unit gains, keeps
+recalibration stable at high learning rates. The curriculum decides when (nopetrain/curriculum.py); the trainer
+builds the model with the gains already in place (`Transformer(cfg, extra_qk_norm=...)`) so the optimizer, and
+ZeRO's partitioning, hold them from the first step.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from nopetrain.config import QK_NORM_CHOICES, ConfigError
-from nopetrain.model import RMSNorm, Transformer
+from nopetrain.model import Transformer, qk_norm_union
 
 
 def drop_rope(model: Transformer, qk_norm: str = "none") -> list[nn.Parameter]:
-    """Turns every layer of `model` to NoPE in place, adds the QK-norm gains `qk_norm` asks for where the model lacks
-    them, and updates `model.config` to match. Returns the new parameters, which the optimizer must adopt."""
+    """Turns every layer of `model` to NoPE in place and switches on the QK-norm `qk_norm` asks for (on top of any
+    the model has); `model.config` is updated to match. Gains the model lacks are created with value 1 and
+    returned, for an optimizer to adopt; a model built with `extra_qk_norm` has them already and returns []."""
     if qk_norm not in QK_NORM_CHOICES:
         raise ConfigError(f"drope.qk_norm={qk_norm!r} must be one of {QK_NORM_CHOICES}")
     cfg = model.config
+    active = qk_norm_union(cfg.qk_norm, qk_norm)
     new_params: list[nn.Parameter] = []
     for layer in model.layers:
         attn = layer.attn
-        attn.use_rope = False
         like = attn.q_proj.weight
-        if qk_norm in ("qk", "q") and attn.q_norm is None:
-            attn.q_norm = RMSNorm(attn.head_dim, cfg.norm_eps).to(device=like.device, dtype=like.dtype)
-            new_params.append(attn.q_norm.weight)
-        if qk_norm == "qk" and attn.k_norm is None:
-            attn.k_norm = RMSNorm(attn.head_dim, cfg.norm_eps).to(device=like.device, dtype=like.dtype)
-            new_params.append(attn.k_norm.weight)
+        needed = {"q_norm_weight": active in ("qk", "q"), "k_norm_weight": active == "qk"}
+        for name, wanted in needed.items():
+            if wanted and getattr(attn, name) is None:
+                gain = nn.Parameter(torch.ones(attn.head_dim, device=like.device, dtype=like.dtype))
+                setattr(attn, name, gain)
+                new_params.append(gain)
+        attn.use_rope = False
+        attn.qk_norm = active
     cfg.no_rope_layer_interval = None
     cfg.no_rope_layers = [0] * cfg.num_layers
-    if qk_norm == "qk" or (qk_norm == "q" and cfg.qk_norm == "none"):
-        cfg.qk_norm = qk_norm
+    cfg.qk_norm = active
     return new_params

@@ -56,19 +56,34 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return angles.cos(), angles.sin()
 
 
+def qk_norm_union(first: str, second: str) -> str:
+    """The QK-norm that covers both settings: "q" and "qk" -> "qk", "none" and "q" -> "q"."""
+    if "qk" in (first, second):
+        return "qk"
+    return "q" if "q" in (first, second) else "none"
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, use_rope: bool) -> None:
+    """Grouped-query attention. `use_rope` and `qk_norm` are read on every forward, so DroPE can flip them.
+
+    The QK-norm gains are direct parameters (not submodules): the fused prologue reads them without calling a norm
+    module, and ZeRO-3 gathers a module's own parameters for its forward. `norm_gains` may create gains beyond
+    `cfg.qk_norm` that stay unused (and so unchanged) until DroPE switches them on; creating them here lets
+    ZeRO-3 partition them and the optimizer hold them from the first step."""
+
+    def __init__(self, cfg: ModelConfig, use_rope: bool, norm_gains: str) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         self.use_rope = use_rope
+        self.qk_norm = cfg.qk_norm
         self.sliding_window = cfg.sliding_window
         self.norm_eps = cfg.norm_eps
         self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, cfg.init_std)
         self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std)
         self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, cfg.init_std)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm in ("qk", "q") else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "qk" else None
+        self.q_norm_weight = nn.Parameter(torch.ones(self.head_dim)) if norm_gains in ("qk", "q") else None
+        self.k_norm_weight = nn.Parameter(torch.ones(self.head_dim)) if norm_gains == "qk" else None
 
     def forward(
         self,
@@ -85,8 +100,8 @@ class Attention(nn.Module):
         q, k = qk_norm_rope(
             q,
             k,
-            self.q_norm.weight if self.q_norm is not None else None,
-            self.k_norm.weight if self.k_norm is not None else None,
+            self.q_norm_weight if self.qk_norm in ("qk", "q") else None,
+            self.k_norm_weight if self.qk_norm == "qk" else None,
             cos,
             sin,
             logit_scale,
@@ -110,10 +125,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, use_rope: bool) -> None:
+    def __init__(self, cfg: ModelConfig, use_rope: bool, norm_gains: str) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg, use_rope)
+        self.attn = Attention(cfg, use_rope, norm_gains)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -129,11 +144,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, extra_qk_norm: str = "none") -> None:
+        """`extra_qk_norm` creates QK-norm gains the config does not use yet (for a later DroPE switch)."""
         super().__init__()
         self.config = cfg
+        norm_gains = qk_norm_union(cfg.qk_norm, extra_qk_norm)
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std)
-        self.layers = nn.ModuleList(Block(cfg, use_rope) for use_rope in cfg.rope_layers())
+        self.layers = nn.ModuleList(Block(cfg, use_rope, norm_gains) for use_rope in cfg.rope_layers())
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
         if cfg.tie_embeddings:

@@ -28,16 +28,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     ]
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based) of a run of `total_steps` steps."""
-    min_lr = peak_lr * cfg.min_lr_ratio
+def warmup_cosine(step: int, warmup: int, total: int, peak: float, floor: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from `peak` to `floor` at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig, decay_start: int | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a run of `total_steps` steps. For wsd, the linear decay
+    starts at `decay_start` when given (a curriculum phase), else over the last `decay_fraction` of the run."""
+    floor = peak_lr * cfg.min_lr_ratio
+    if cfg.name == "cosine":
+        return warmup_cosine(step, cfg.warmup_steps, total_steps, peak_lr, floor)
     if step < cfg.warmup_steps:
         return peak_lr * (step + 1) / cfg.warmup_steps
-    if cfg.name == "wsd":
-        decay_steps = max(1, round(total_steps * cfg.decay_fraction))
-        decay_start = total_steps - decay_steps
-        if step < decay_start:
-            return peak_lr
-        return min_lr + (peak_lr - min_lr) * (total_steps - step) / decay_steps
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if decay_start is None:
+        decay_start = total_steps - max(1, round(total_steps * cfg.decay_fraction))
+    if step < decay_start:
+        return peak_lr
+    return floor + (peak_lr - floor) * (total_steps - step) / max(1, total_steps - decay_start)

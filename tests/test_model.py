@@ -175,3 +175,19 @@ def test_packed_documents_give_the_logits_of_separate_runs(window):
         # Without the mask the second document sees the first: the test can fail.
         unmasked = model(batch.input_ids, batch.position_ids)
         assert not torch.allclose(unmasked[:, 7:], model(second), atol=1e-3)
+
+
+def test_dormant_qk_norm_gains_change_nothing_until_drope_switches_them_on():
+    cfg = tiny(no_rope_layer_interval=4)
+    plain = build(cfg)
+    torch.manual_seed(0)
+    prepared = Transformer(tiny(no_rope_layer_interval=4), extra_qk_norm="qk").eval()
+    tokens = torch.randint(64, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(tokens), plain(tokens))
+    assert count_parameters(prepared) == count_parameters(plain) + 2 * 8 * 8
+    assert drop_rope(prepared, qk_norm="qk") == []
+    assert all(layer.attn.qk_norm == "qk" and not layer.attn.use_rope for layer in prepared.layers)
+    drop_rope(plain, qk_norm="qk")
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(tokens), plain(tokens))

@@ -19,19 +19,23 @@ pytestmark = pytest.mark.slow
 
 # Global batch 8 = 1 process x 2 accumulation x 4, or 2 processes x 1 x 4.
 BATCH = ("global_batch_size=8", "micro_batch_size=4", "seq_len=64")
+# QK-norm gains are read by the fused attention prologue; ZeRO-3 must gather them like any other parameter.
+QK_NORM = "model.qk_norm=qk"
 
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    run_train(run_dir, "steps=5", *BATCH)
+    run_train(run_dir, "steps=5", QK_NORM, *BATCH)
     return losses(run_dir)
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
 def test_two_processes_match_one_process(tmp_path, stage, one_process_run):
     run_dir = tmp_path / "run"
-    run_train(run_dir, "steps=5", f"deepspeed={stage}", *BATCH, nproc=2)
+    # Threshold 0: ZeRO-3 partitions even the smallest parameters (norm gains), which it otherwise keeps whole.
+    partition_all = "+deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0"
+    run_train(run_dir, "steps=5", QK_NORM, f"deepspeed={stage}", partition_all, *BATCH, nproc=2)
     two = losses(run_dir)
     assert sorted(two) == [1, 2, 3, 4, 5]
     for step, loss in one_process_run.items():

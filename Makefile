@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-train: $(STAMP)
+DATA := data/default
+
+$(DATA)/corpus.json: | $(STAMP)
+	$(PY) -m nopetrain.data_pipelines build-default --output $(DATA)
+
+train: $(STAMP) $(DATA)/corpus.json
 	$(PY) train.py run.name=$(RUN) steps=400 log_every=25 checkpoint.every=200
 
 test: $(STAMP)

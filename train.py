@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nopetrain.config import ConfigError, register_configs
+from nopetrain.data.streaming import DataError
 from nopetrain.trainer import NonFiniteLossError, train
 
 register_configs()
@@ -15,9 +16,9 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     try:
         train(OmegaConf.to_object(cfg))
-    except (ConfigError, NonFiniteLossError) as err:
+    except (ConfigError, DataError, NonFiniteLossError) as err:
         print(f"nopetrain: error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 3)
+        sys.exit(3 if isinstance(err, NonFiniteLossError) else 2)
 
 
 if __name__ == "__main__":

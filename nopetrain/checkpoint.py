@@ -126,6 +126,11 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return path
 
 
+def read_rank_states(path: Path) -> list[dict[str, Any]]:
+    """Every rank's saved state, for re-splitting the data streams over a different layout."""
+    return [torch.load(file, weights_only=False) for file in sorted(path.glob("rank_*.pt"))]
+
+
 def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / TRAINER_STATE).read_text())
 

@@ -74,8 +74,10 @@ class SourceConfig:
     # A directory (or URL) holding a manifest.json written by `nopetrain.data_pipelines tokenize`, or a brace
     # pattern / list of webdataset .tar URLs (e.g. "s3://bucket/web-{000000..000099}.tar" via webdataset's gopen).
     path: str = "???"
-    # Relative sampling weight; phases of a curriculum change it while the run goes on.
+    # Relative sampling weight within its group (and overall when no curriculum phase names weights).
     weight: float = 1.0
+    # Curriculum phases weight groups (web, code, math, ...); a source's group defaults to its own name.
+    group: str | None = None
 
 
 @dataclass
@@ -115,6 +117,45 @@ class ScheduleConfig:
 
 
 @dataclass
+class PhaseConfig:
+    name: str = "???"
+    # Length: at most one of steps, tokens, fraction (of `steps`); a phase with none runs to the end of the run.
+    steps: int | None = None
+    tokens: int | None = None
+    fraction: float | None = None
+    # Mixture weights by source group (or source name); groups not named get weight 0. Empty: data.sources weights.
+    weights: dict[str, float] = field(default_factory=dict)
+    # Optional per-phase sequence length and batch size (sequences per optimizer step).
+    seq_len: int | None = None
+    global_batch_size: int | None = None
+
+
+@dataclass
+class DropeConfig:
+    # When RoPE is dropped from every layer: at most one of at_step, at_fraction (of `steps`), at_phase (its start).
+    at_step: int | None = None
+    at_fraction: float | None = None
+    at_phase: str | None = None
+    # QK-norm added at the drop (unit gains): none, qk, or q (query only).
+    qk_norm: str = "none"
+    # Recalibration schedule from the drop to the end of the run; lr null keeps the main schedule going.
+    lr: float | None = None
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    reset_optimizer: bool = False
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "single"
+    phases: list[PhaseConfig] = field(default_factory=list)
+    # Warmup-stable-decay: the decay starts at this phase (SmolLM3's decay stage starts the annealing phase).
+    decay_phase: str | None = None
+    drope: DropeConfig = field(default_factory=DropeConfig)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100
     keep: int = 2
@@ -143,6 +184,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -34,6 +34,10 @@ PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
 ]
 
 
+# The console line; everything else (per-source counters, skipped steps, ...) goes to W&B and metrics.jsonl.
+CONSOLE_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "memory_gib", "phase")
+
+
 def peak_tflops(device: torch.device, bf16: bool, override: float | None) -> float | None:
     """Peak dense TFLOP/s of one device, or None where it is unknown (CPUs, unlisted GPUs)."""
     if override is not None:
@@ -108,7 +112,7 @@ class MetricsLogger:
             self.run.log(metrics, step=step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        line = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        line = "  ".join(f"{k}={_fmt(metrics[k])}" for k in CONSOLE_KEYS if k in metrics)
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(
                 f"loss={_fmt(metrics['loss'])} tok/s={_fmt(metrics['tokens_per_s'])}", refresh=False

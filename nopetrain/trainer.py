@@ -94,7 +94,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rank_state = checkpoint.load(engine, resume_from)
         state.update(step=saved["step"], tokens_seen=saved["tokens_seen"], wandb_run_id=saved["wandb_run_id"])
         checkpoint.set_rng_state(rank_state["rng"])
-        stream.load_state_dict(rank_state["data"])
+        data_state = rank_state["data"]
+        if saved["config"]["data"]["num_workers"] != cfg.data.num_workers:
+            # Each rank's position covers only its own readers: re-split what is left over the new ones.
+            data_state = stream.merge_states([s["data"] for s in checkpoint.read_rank_states(resume_from)])
+        stream.load_state_dict(data_state)
         log.info("resumed from %s at step %d", resume_from, state["step"])
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

@@ -24,8 +24,10 @@ def subprocess_env() -> dict[str, str]:
 def run_train(
     run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Runs train.py on the tiny model in fp32 with `overrides`, in one process or under torchrun."""
-    args = [f"run.dir={run_dir}", "precision=fp32", "log_every=1", "wandb.mode=offline", *overrides]
+    """Runs train.py on the tiny model in fp32 with `overrides` (synthetic data unless they choose a data config),
+    in one process or under torchrun."""
+    data = [] if any(o.startswith("data=") for o in overrides) else ["data=synthetic"]
+    args = [f"run.dir={run_dir}", "precision=fp32", "log_every=1", "wandb.mode=offline", *data, *overrides]
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "train.py"), *args]
     else:
@@ -44,3 +46,18 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def build_corpus(output: Path) -> Path:
+    """A small default corpus (real tokenizer, real shards) at seq_len 64 for trainer tests."""
+    cmd = [sys.executable, "-m", "nopetrain.data_pipelines", "build-default", "--output", str(output)]
+    cmd += ["--seq-len", "64", "--vocab-size", "1024", "--max-mb-per-source", "0.25", "--workers", "1"]
+    subprocess.run(cmd, cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    return output
+
+
+def corpus_overrides(corpus: Path) -> list[str]:
+    """Points the default data config at `corpus` (built by build_corpus) for the tiny model."""
+    return ["data=default", "seq_len=64", "model.vocab_size=1024"] + [
+        f"data.sources.{name}.path={corpus}/train/{name}" for name in ("web", "code", "math")
+    ]

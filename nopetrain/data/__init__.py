@@ -72,6 +72,11 @@ class TokenStream(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Combines every rank's state into one a different number of readers can continue from."""
+        ...
+
     def stats(self) -> dict[str, float]:
         """Counters for the metrics log, e.g. samples drawn per source."""
         ...

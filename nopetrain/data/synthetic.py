@@ -50,6 +50,11 @@ class SyntheticStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_samples = int(state["global_samples"])
 
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The position is global, the same on every rank."""
+        return states[0]
+
     def stats(self) -> dict[str, float]:
         return {"samples/synthetic": float(self.global_samples)}
 

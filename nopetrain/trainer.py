@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import sys
 import time
 import uuid
@@ -63,6 +64,21 @@ def check_compatible(saved_model: dict[str, Any], cfg: TrainConfig, path: Path) 
             )
 
 
+def copy_tokenizer(record: dict[str, Any] | None, run_dir: Path) -> str | None:
+    """Copies the data's tokenizer into run_dir/tokenizer/, so checkpoints and exports carry it; returns its path
+    relative to run_dir."""
+    if record is None:
+        return None
+    source = Path(record["path"])
+    if not source.is_file():
+        log.warning("tokenizer %s named by the data manifests is missing; checkpoints will not carry it", source)
+        return None
+    target = run_dir / "tokenizer" / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return str(target.relative_to(run_dir))
+
+
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
@@ -102,6 +118,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.info("resumed from %s at step %d", resume_from, state["step"])
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    tokenizer = copy_tokenizer(stream.tokenizer, run_dir) if env.is_main else None
     log.info(
         "model %s: %s parameters, layers with RoPE: %s; %d rank(s) x %d micro-batch(es) of %d x %d tokens, %s",
         cfg.model.name,
@@ -193,6 +210,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "world_size": env.world_size,
                     "skipped_steps": engine.skipped_steps,
                     "config": config_dict,
+                    # The model as it is now (after a DroPE switch its layers are NoPE), for export and evaluation.
+                    "model_config": dataclasses.asdict(engine.module.config),
+                    "tokenizer": tokenizer,
                 }
                 rank_state = {"rng": checkpoint.rng_state(), "data": stream.state_dict()}
                 path = checkpoint.save(engine, run_dir, state["step"], trainer_state, rank_state, cfg.checkpoint.keep)

@@ -66,6 +66,9 @@ def batch_from_chunks(
 
 
 class TokenStream(Protocol):
+    # The tokenizer record of the data's manifests (kind, path, sha256, vocab_size, eos_id), None if unknown.
+    tokenizer: dict[str, Any] | None
+
     def next_batch(self) -> Batch: ...
 
     def state_dict(self) -> dict[str, Any]: ...

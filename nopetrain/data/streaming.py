@@ -109,6 +109,8 @@ class _Source:
     dtype: str
     samples: tuple[int, ...] | None = None
     sha256: tuple[str, ...] | None = None
+    # The manifest's tokenizer record (kind, path, sha256, vocab_size, eos_id); None without a manifest.
+    tokenizer: dict[str, Any] | None = None
 
 
 def _from_manifest(name: str, path: str, key: str, vocab_size: int) -> _Source:
@@ -132,6 +134,7 @@ def _from_manifest(name: str, path: str, key: str, vocab_size: int) -> _Source:
             dtype=manifest["dtype"],
             samples=tuple(int(shard["samples"]) for shard in shards),
             sha256=tuple(shard["sha256"] for shard in shards),
+            tokenizer=dict(manifest["tokenizer"]),
         )
         tokenizer_vocab = int(manifest["tokenizer"]["vocab_size"])
     except (KeyError, TypeError, ValueError) as error:
@@ -473,6 +476,15 @@ def _merge_source(states: list[dict[str, Any]], name: str) -> dict[str, Any]:
     }
 
 
+def _shared_tokenizer(sources: dict[str, _Source]) -> dict[str, Any] | None:
+    """The tokenizer record all manifest sources share; sources tokenized differently cannot be mixed."""
+    records = {name: source.tokenizer for name, source in sources.items() if source.tokenizer is not None}
+    hashes = {record["sha256"] for record in records.values()}
+    if len(hashes) > 1:
+        raise ConfigError(f"data.sources use different tokenizers: { ({n: r['path'] for n, r in records.items()}) }")
+    return next(iter(records.values()), None)
+
+
 class ShardMixtureStream:
     """This rank's micro-batches from the token shards of cfg.data.sources, mixed by weight (see the module doc)."""
 
@@ -484,6 +496,7 @@ class ShardMixtureStream:
             for name, source in cfg.data.sources.items()
         }
         self._names = list(self._readers)
+        self.tokenizer = _shared_tokenizer({name: reader.source for name, reader in self._readers.items()})
         self._weights: dict[str, float] = {}
         self.set_weights({name: source.weight for name, source in cfg.data.sources.items()})
         self._rng = _rng(cfg.seed, _MIXTURE, rank, 0)

@@ -16,6 +16,8 @@ from nopetrain.data import Batch
 
 
 class SyntheticStream:
+    tokenizer = None  # token ids are generated, not encoded text
+
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int) -> None:
         self.vocab_size = cfg.model.vocab_size
         self.seq_len = cfg.seq_len

@@ -27,7 +27,7 @@ $(DATA)/corpus.json: | $(STAMP)
 	$(PY) -m nopetrain.data_pipelines build-default --output $(DATA)
 
 train: $(STAMP) $(DATA)/corpus.json
-	$(PY) train.py run.name=$(RUN) steps=400 log_every=25 checkpoint.every=200
+	$(PY) train.py run.name=$(RUN) curriculum=demo steps=400 log_every=25 checkpoint.every=200
 
 test: $(STAMP)
 	$(PY) -m pytest -q

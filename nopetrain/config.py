@@ -141,6 +141,8 @@ class DropeConfig:
     # Recalibration schedule from the drop to the end of the run; lr null keeps the main schedule going.
     lr: float | None = None
     warmup_steps: int = 0
+    # Or the warmup as a fraction of the recalibration steps (the paper: 70 of 2K steps, 490 of ~30K).
+    warmup_fraction: float | None = None
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     reset_optimizer: bool = False
@@ -190,6 +192,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Start from pretrained weights: "hf:/local/folder" (Llama, SmolLM, SmolLM3); the model's shape comes from its
+    # config.json. Ignored when resuming from one of our checkpoints.
+    init_from: str | None = None
     steps: int = 100
     # Checkpoint and exit once this global step is reached; the LR schedule still spans `steps` (time-sliced jobs).
     stop_at_step: int | None = None

@@ -184,7 +184,9 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _folder_config(folder: Path, name: str = "hf") -> ModelConfig:
+def folder_model_config(folder: str | Path, name: str = "hf") -> ModelConfig:
+    """The ModelConfig of a local Hugging Face checkpoint folder (its config.json)."""
+    folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found")
@@ -194,7 +196,7 @@ def _folder_config(folder: Path, name: str = "hf") -> ModelConfig:
 def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The folder's weights under our parameter names, checked against the model its config.json describes."""
     folder = Path(path)
-    cfg = _folder_config(folder)
+    cfg = folder_model_config(folder)
     with torch.device("meta"):
         expected = Transformer(cfg).state_dict()
     index, files = _weight_files(folder)
@@ -223,6 +225,6 @@ def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def model_from_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     """Our Transformer with the weights of the local Hugging Face checkpoint folder `path`."""
     folder = Path(path)
-    model = Transformer(_folder_config(folder, name=folder.name)).to(dtype)
+    model = Transformer(folder_model_config(folder, name=folder.name)).to(dtype)
     model.load_state_dict(load_hf_state_dict(folder), strict=True)
     return model

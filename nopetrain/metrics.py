@@ -125,6 +125,16 @@ class MetricsLogger:
         if self.enabled:
             log.info(message)
 
+    def mark(self, step: int, name: str, message: str) -> None:
+        """A run event (phase change, DroPE switch): console, metrics.jsonl, and a W&B marker metric `event/NAME`."""
+        if not self.enabled:
+            return
+        log.info(message)
+        self.jsonl.write(json.dumps({"step": step, "event": name, "message": message}) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            self.run.log({f"event/{name}": 1.0}, step=step)
+
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()

@@ -102,12 +102,33 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str,
     return _merge(ds, dict(cfg.deepspeed.extra))
 
 
-def build_engine(cfg: TrainConfig, env: DistEnv) -> DeepSpeedEngine:
-    """Builds the model (partitioned as it is constructed under ZeRO-3) and wraps it in a DeepSpeed engine."""
+def load_weights(model: Transformer, weights: dict[str, torch.Tensor], partitioned: bool) -> None:
+    """Copies pretrained `weights` into the model; under ZeRO-3 the partitions are gathered, filled on rank 0 and
+    scattered again. Only QK-norm gains built for a later DroPE switch may be missing."""
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=partitioned):
+        if not partitioned or dist.get_rank() == 0:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing = [key for key in missing if not key.endswith(("q_norm_weight", "k_norm_weight"))]
+            if missing or unexpected:
+                raise ValueError(f"pretrained weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def build_engine(
+    cfg: TrainConfig,
+    env: DistEnv,
+    extra_qk_norm: str = "none",
+    pretrained: dict[str, torch.Tensor] | None = None,
+) -> DeepSpeedEngine:
+    """Builds the model (partitioned as it is constructed under ZeRO-3), fills in `pretrained` weights if given, and
+    wraps it in a DeepSpeed engine; `extra_qk_norm` builds QK-norm gains a later DroPE switch will use (see
+    nopetrain/drope.py)."""
     ds_config = deepspeed_config(cfg, env.world_size, use_bf16(cfg.precision, env.device))
     torch.manual_seed(cfg.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=cfg.deepspeed.stage == 3):
-        model = Transformer(cfg.model)
+    stage3 = cfg.deepspeed.stage == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
+        model = Transformer(cfg.model, extra_qk_norm)
+    if pretrained is not None:
+        load_weights(model, pretrained, partitioned=stage3)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config, dist_init_required=False
     )

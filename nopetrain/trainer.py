@@ -1,10 +1,11 @@
-"""The training loop: set up, resume, then step -> log -> checkpoint until the configured step count.
+"""The training loop: set up, resume, then for each optimizer step: enter its phase, switch to NoPE if DroPE says
+so, set the learning rate, run the micro-batches, log, checkpoint.
 
-One optimizer step consumes `global_batch_size` sequences: each rank runs `accumulation` micro-batches through the
-DeepSpeed engine, which averages gradients over micro-batches and ranks and applies AdamW at the boundary. Nothing
-in the step reads a value back to the host; losses are summed on the device and reported every `log_every` steps.
-DeepSpeed itself skips an update whose gradients are not finite (and reads that flag back); the loop counts those
-skips and stops the run after `max_consecutive_nonfinite` of them in a row.
+One optimizer step consumes the phase's `global_batch_size` sequences: each rank runs `accumulation` micro-batches
+through the DeepSpeed engine, which averages gradients over micro-batches and ranks and applies AdamW at the
+boundary. Nothing in the step reads a value back to the host; losses are summed on the device and reported every
+`log_every` steps. DeepSpeed itself skips an update whose gradients are not finite (and reads that flag back); the
+loop counts those skips and stops the run after `max_consecutive_nonfinite` of them in a row.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from omegaconf import OmegaConf
 
 from nopetrain import checkpoint
 from nopetrain.config import ConfigError, TrainConfig, validate
-from nopetrain.data import build_stream
+from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
+from nopetrain.data.phased import PhasedStream
+from nopetrain.drope import drop_rope
+from nopetrain.hf import folder_model_config, load_hf_state_dict
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops
 from nopetrain.model import count_parameters, lm_loss
-from nopetrain.optim import lr_at
-from nopetrain.parallel import build_engine, gradient_accumulation_steps, init_distributed, use_bf16
+from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
 
 log = logging.getLogger("nopetrain")
 
@@ -84,83 +87,180 @@ def set_lr(engine: Any, lr: float) -> None:
         group["lr"] = lr
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) training as configured; returns the final trainer state."""
-    env = init_distributed()
-    validate(cfg, env.world_size)
-    run_dir = Path(cfg.run.dir)
-    setup_logging(env.rank, run_dir)
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir)
+def reset_optimizer_state(engine: Any) -> None:
+    """Zeroes AdamW's moments and step counts in place (in every ZeRO partition), as for a fresh optimizer."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for param_state in base.state.values():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                param_state[key] = 0
+    for group in base.param_groups:
+        if "step" in group:
+            group["step"] = 0
 
-    engine = build_engine(cfg, env)
-    bf16 = use_bf16(cfg.precision, env.device)
-    accumulation = gradient_accumulation_steps(cfg, env.world_size)
-    config_dict = dataclasses.asdict(cfg)
-    stream = build_stream(cfg, env.rank, env.world_size)
-    state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "wandb_run_id": uuid.uuid4().hex[:12]}
 
-    if resume_from is not None:
-        saved = checkpoint.read_trainer_state(resume_from)
-        check_compatible(saved["config"]["model"], cfg, resume_from)
-        if saved["world_size"] != env.world_size:
+def switch_to_nope(engine: Any, qk_norm: str) -> None:
+    """DroPE on the engine's model: every layer NoPE, QK-norm switched on with the gains built in at start."""
+    if drop_rope(engine.module, qk_norm):
+        raise RuntimeError("DroPE created parameters outside the optimizer; the model lacks its dormant QK-norm")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, plan: Plan, pretrained: dict[str, Any] | None) -> None:
+        self.cfg, self.env, self.plan = cfg, env, plan
+        self.run_dir = Path(cfg.run.dir)
+        extra_qk_norm = cfg.curriculum.drope.qk_norm if plan.drope_step is not None else "none"
+        self.engine = build_engine(cfg, env, extra_qk_norm, pretrained)
+        self.bf16 = use_bf16(cfg.precision, env.device)
+        self.stream = PhasedStream(cfg, plan, env.rank, env.world_size)
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "tokens_seen": 0,
+            "wandb_run_id": uuid.uuid4().hex[:12],
+            "drope_step": None,
+            "phase": plan.phases[0].name,
+        }
+        self.config_dict = dataclasses.asdict(cfg)
+        self.tokenizer: str | None = None
+        self.metrics: MetricsLogger | None = None
+        self.phase: Phase | None = None
+        self.accumulation = 0
+
+    def resume(self, path: Path) -> None:
+        saved = checkpoint.read_trainer_state(path)
+        check_compatible(saved["config"]["model"], self.cfg, path)
+        if saved["world_size"] != self.env.world_size:
             raise ConfigError(
-                f"checkpoint {resume_from} was written by {saved['world_size']} ranks and this run has "
-                f"{env.world_size}; ZeRO optimizer shards need the same data-parallel size"
+                f"checkpoint {path} was written by {saved['world_size']} ranks and this run has "
+                f"{self.env.world_size}; ZeRO optimizer shards need the same data-parallel size"
             )
-        rank_state = checkpoint.load(engine, resume_from)
-        state.update(step=saved["step"], tokens_seen=saved["tokens_seen"], wandb_run_id=saved["wandb_run_id"])
+        rank_state = checkpoint.load(self.engine, path)
+        for key in ("step", "tokens_seen", "wandb_run_id", "drope_step"):
+            self.state[key] = saved[key]
         checkpoint.set_rng_state(rank_state["rng"])
         data_state = rank_state["data"]
-        if saved["config"]["data"]["num_workers"] != cfg.data.num_workers:
+        if saved["config"]["data"]["num_workers"] != self.cfg.data.num_workers:
             # Each rank's position covers only its own readers: re-split what is left over the new ones.
-            data_state = stream.merge_states([s["data"] for s in checkpoint.read_rank_states(resume_from)])
-        stream.load_state_dict(data_state)
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-    if env.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    tokenizer = copy_tokenizer(stream.tokenizer, run_dir) if env.is_main else None
-    log.info(
-        "model %s: %s parameters, layers with RoPE: %s; %d rank(s) x %d micro-batch(es) of %d x %d tokens, %s",
-        cfg.model.name,
-        f"{count_parameters(engine.module):,}",
-        "".join("R" if rope else "N" for rope in cfg.model.rope_layers()),
-        env.world_size,
-        accumulation,
-        cfg.micro_batch_size,
-        cfg.seq_len,
-        "bf16" if bf16 else "fp32",
-    )
-    last_step = cfg.stop_at_step or cfg.steps
-    if state["step"] >= last_step:
-        log.info("run %s is already at step %d (of %d); nothing to do", run_dir, state["step"], last_step)
-        return state
-    if cfg.compile:
-        engine.compile()
+            data_state = self.stream.merge_states([s["data"] for s in checkpoint.read_rank_states(path)])
+        self.stream.load_state_dict(data_state)
+        if self.state["drope_step"] is not None:
+            switch_to_nope(self.engine, self.cfg.curriculum.drope.qk_norm)
+        log.info("resumed from %s at step %d", path, self.state["step"])
 
-    metrics = MetricsLogger(cfg, state["wandb_run_id"], config_dict, state["step"], enabled=env.is_main)
-    metrics.event(f"training steps {state['step'] + 1}-{last_step} of {cfg.steps}; run directory {run_dir}")
-    flops_per_step = flops_per_token(cfg.model, cfg.seq_len) * cfg.global_batch_size * cfg.seq_len
-    peak = peak_tflops(env.device, bf16, cfg.peak_tflops)
-    loss_sum = torch.zeros((), device=env.device)
-    finite_micro_batches = torch.zeros((), device=env.device)
-    skipped_seen, consecutive_skipped = engine.skipped_steps, 0
-    interval_start, interval_steps = time.perf_counter(), 0
-    try:
+    def enter_phase(self, phase: Phase) -> None:
+        """Mixture weights, sequence length and batch size of `phase`, from this step on."""
+        self.phase = phase
+        self.state["phase"] = phase.name
+        self.stream.set_phase(phase)
+        self.engine.set_train_batch_size(phase.global_batch_size)
+        self.accumulation = phase.global_batch_size // (self.cfg.micro_batch_size * self.env.world_size)
+        weights = ", ".join(f"{name}={weight:.3g}" for name, weight in phase.weights.items())
+        self.metrics.mark(
+            self.state["step"],
+            "phase",
+            f"phase {phase.name} ({self.plan.phases.index(phase) + 1}/{len(self.plan.phases)}), steps "
+            f"{phase.start + 1}-{phase.end}: seq_len {phase.seq_len}, batch {phase.global_batch_size}"
+            + (f", weights {weights}" if weights else ""),
+        )
+
+    def drop_positional_encoding(self) -> None:
+        """The DroPE switch, before this step's forward pass."""
+        drope, step = self.cfg.curriculum.drope, self.state["step"]
+        switch_to_nope(self.engine, drope.qk_norm)
+        if drope.reset_optimizer:
+            reset_optimizer_state(self.engine)
+        self.state["drope_step"] = step
+        self.metrics.mark(
+            step,
+            "drope",
+            f"DroPE from step {step + 1}: RoPE dropped from all {len(self.engine.module.layers)} layers, "
+            f"qk_norm={drope.qk_norm}, recalibration lr={drope.lr if drope.lr is not None else 'main schedule'}, "
+            f"optimizer {'reset' if drope.reset_optimizer else 'kept'}",
+        )
+
+    def save(self) -> None:
+        trainer_state = {
+            **self.state,
+            "world_size": self.env.world_size,
+            "skipped_steps": self.engine.skipped_steps,
+            "config": self.config_dict,
+            # The model as it is now (after a DroPE switch its layers are NoPE), for export and evaluation.
+            "model_config": dataclasses.asdict(self.engine.module.config),
+            "tokenizer": self.tokenizer,
+        }
+        rank_state = {"rng": checkpoint.rng_state(), "data": self.stream.state_dict()}
+        path = checkpoint.save(
+            self.engine, self.run_dir, self.state["step"], trainer_state, rank_state, self.cfg.checkpoint.keep
+        )
+        self.metrics.event(f"checkpoint saved: {path}")
+
+    def run(self) -> dict[str, Any]:
+        cfg, env, engine, state = self.cfg, self.env, self.engine, self.state
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            self.tokenizer = copy_tokenizer(self.stream.tokenizer, self.run_dir)
+        log.info(
+            "model %s: %s parameters, layers with RoPE: %s; %d rank(s) x %d micro-batch(es) of %d sequences, %s",
+            cfg.model.name,
+            f"{count_parameters(engine.module):,}",
+            "".join("R" if layer.attn.use_rope else "N" for layer in engine.module.layers),
+            env.world_size,
+            self.plan.phase_at(min(state["step"], cfg.steps - 1)).global_batch_size
+            // (cfg.micro_batch_size * env.world_size),
+            cfg.micro_batch_size,
+            "bf16" if self.bf16 else "fp32",
+        )
+        last_step = cfg.stop_at_step or cfg.steps
+        if state["step"] >= last_step:
+            log.info("run %s is already at step %d (of %d); nothing to do", self.run_dir, state["step"], last_step)
+            return state
+        if cfg.compile:
+            engine.compile()
+        self.metrics = MetricsLogger(cfg, state["wandb_run_id"], self.config_dict, state["step"], env.is_main)
+        self.metrics.event(f"training steps {state['step'] + 1}-{last_step} of {cfg.steps}; run dir {self.run_dir}")
+        try:
+            self._loop(last_step)
+        finally:
+            self.metrics.close()
+            self.stream.close()
+        return state
+
+    def _loop(self, last_step: int) -> None:
+        cfg, env, engine, state, plan = self.cfg, self.env, self.engine, self.state, self.plan
+        peak = peak_tflops(env.device, self.bf16, cfg.peak_tflops)
+        loss_sum = torch.zeros((), device=env.device)
+        finite_micro_batches = torch.zeros((), device=env.device)
+        micro_batches = interval_tokens = interval_flops = 0
+        skipped_seen, consecutive_skipped = engine.skipped_steps, 0
+        interval_start = time.perf_counter()
         while state["step"] < last_step:
-            lr = lr_at(state["step"], cfg.steps, cfg.optim.lr, cfg.schedule)
+            step = state["step"]
+            if self.phase is None or step >= self.phase.end:
+                self.enter_phase(plan.phase_at(step))
+            if step == plan.drope_step and state["drope_step"] is None:
+                self.drop_positional_encoding()
+            lr = learning_rate(plan, cfg, step)
             set_lr(engine, lr)
-            for _ in range(accumulation):
-                batch = stream.next_batch().to(env.device)
+            for micro in range(self.accumulation):
+                # The trainer owns the boundary: DeepSpeed's own counter would misplace it when a phase changes
+                # the number of micro-batches per step.
+                engine.set_gradient_accumulation_boundary(micro == self.accumulation - 1)
+                batch = self.stream.next_batch().to(env.device)
                 loss = lm_loss(engine(batch.input_ids, batch.position_ids, batch.segments), batch.labels)
                 engine.backward(loss)
-                engine.step()
                 finite = torch.isfinite(loss.detach())
                 loss_sum += torch.where(finite, loss.detach(), 0.0)
                 finite_micro_batches += finite
+            engine.step()
+            step_tokens = self.phase.global_batch_size * self.phase.seq_len
             state["step"] += 1
-            state["tokens_seen"] += cfg.global_batch_size * cfg.seq_len
-            interval_steps += 1
-            metrics.advance(state["step"])
+            state["tokens_seen"] += step_tokens
+            micro_batches += self.accumulation * env.world_size
+            interval_tokens += step_tokens
+            interval_flops += flops_per_token(cfg.model, self.phase.seq_len) * step_tokens
+            self.metrics.advance(state["step"])
 
             skipped = engine.skipped_steps > skipped_seen
             skipped_seen = engine.skipped_steps
@@ -168,7 +268,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if skipped:
                 log.warning("step %d: non-finite loss or gradient, update skipped", state["step"])
             if consecutive_skipped >= cfg.max_consecutive_nonfinite:
-                saved = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(run_dir))
+                saved = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(self.run_dir))
                 raise NonFiniteLossError(
                     f"{consecutive_skipped} optimizer steps in a row (to step {state['step']}) had a non-finite loss "
                     f"or gradient (max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); last good checkpoint: "
@@ -181,43 +281,61 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 dist.all_reduce(totals)
                 loss_total, finite_count = totals.tolist()
                 elapsed = time.perf_counter() - interval_start
-                tokens_per_s = interval_steps * cfg.global_batch_size * cfg.seq_len / elapsed
-                tflops = interval_steps * flops_per_step / elapsed / env.world_size / 1e12
+                tflops = interval_flops / elapsed / env.world_size / 1e12
                 grad_norm = engine.get_global_grad_norm()
                 row = {
                     "loss": loss_total / finite_count if finite_count else float("nan"),
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "tokens_per_s": tokens_per_s,
-                    "tokens_per_s_per_device": tokens_per_s / env.world_size,
+                    "tokens_per_s": interval_tokens / elapsed,
+                    "tokens_per_s_per_device": interval_tokens / elapsed / env.world_size,
                     "tflops_per_device": tflops,
                     "tokens_seen": float(state["tokens_seen"]),
                     "skipped_steps": float(engine.skipped_steps),
-                    "nonfinite_micro_batches": interval_steps * accumulation * env.world_size - finite_count,
+                    "nonfinite_micro_batches": micro_batches - finite_count,
                     "memory_gib": memory_gib(env.device),
+                    "phase": self.phase.name,
+                    "phase_index": float(plan.phases.index(self.phase)),
+                    "nope": float(state["drope_step"] is not None),
                 }
                 if peak is not None:
                     row["mfu"] = tflops / peak
-                row.update(stream.stats())
-                metrics.log(state["step"], row)
+                row.update(self.stream.stats())
+                self.metrics.log(state["step"], row)
                 loss_sum.zero_()
                 finite_micro_batches.zero_()
-                interval_start, interval_steps = time.perf_counter(), 0
+                micro_batches = interval_tokens = interval_flops = 0
+                interval_start = time.perf_counter()
 
             if (state["step"] % cfg.checkpoint.every == 0 or done) and not skipped:
-                trainer_state = {
-                    **state,
-                    "world_size": env.world_size,
-                    "skipped_steps": engine.skipped_steps,
-                    "config": config_dict,
-                    # The model as it is now (after a DroPE switch its layers are NoPE), for export and evaluation.
-                    "model_config": dataclasses.asdict(engine.module.config),
-                    "tokenizer": tokenizer,
-                }
-                rank_state = {"rng": checkpoint.rng_state(), "data": stream.state_dict()}
-                path = checkpoint.save(engine, run_dir, state["step"], trainer_state, rank_state, cfg.checkpoint.keep)
-                metrics.event(f"checkpoint saved: {path}")
-    finally:
-        metrics.close()
-        stream.close()
-    return state
+                self.save()
+
+
+def pretrained_model(cfg: TrainConfig) -> str | None:
+    """The local Hugging Face folder named by init_from; its config.json replaces the model's shape in `cfg`."""
+    if cfg.init_from is None:
+        return None
+    if not cfg.init_from.startswith("hf:"):
+        raise ConfigError(f"init_from={cfg.init_from!r} must be hf:/path/to/local/folder")
+    folder = cfg.init_from.removeprefix("hf:")
+    shape = folder_model_config(folder, name=Path(folder).name)
+    cfg.model = dataclasses.replace(shape, attn_logit_scale=cfg.model.attn_logit_scale)
+    return folder
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) training as configured; returns the final trainer state."""
+    env = init_distributed()
+    hf_folder = pretrained_model(cfg)
+    validate(cfg, env.world_size)
+    plan = resolve(cfg, env.world_size)
+    run_dir = Path(cfg.run.dir)
+    setup_logging(env.rank, run_dir)
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir)
+    pretrained = load_hf_state_dict(hf_folder) if hf_folder and resume_from is None else None
+    if pretrained is not None:
+        log.info("initialised from %s", hf_folder)
+    trainer = Trainer(cfg, env, plan, pretrained)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    return trainer.run()

@@ -21,18 +21,23 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def train_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    """train.py on the tiny model in fp32 with `overrides` (synthetic data and a single phase unless they choose a
+    data config or curriculum), in one process or under torchrun."""
+    groups = {"data": "data=synthetic", "curriculum": "curriculum=single"}
+    defaults = [default for group, default in groups.items() if not any(o.startswith(f"{group}=") for o in overrides)]
+    args = [f"run.dir={run_dir}", "precision=fp32", "log_every=1", "wandb.mode=offline", *defaults, *overrides]
+    if nproc == 1:
+        return [sys.executable, str(REPO / "train.py"), *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, str(REPO / "train.py"), *args]
+
+
 def run_train(
     run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Runs train.py on the tiny model in fp32 with `overrides` (synthetic data unless they choose a data config),
-    in one process or under torchrun."""
-    data = [] if any(o.startswith("data=") for o in overrides) else ["data=synthetic"]
-    args = [f"run.dir={run_dir}", "precision=fp32", "log_every=1", "wandb.mode=offline", *data, *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, str(REPO / "train.py"), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd += [str(REPO / "train.py"), *args]
+    """Runs train_command(...) to completion."""
+    cmd = train_command(run_dir, *overrides, nproc=nproc)
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
@@ -42,7 +47,7 @@ def run_train(
 def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step from run_dir/metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

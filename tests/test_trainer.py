@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from nopetrain.checkpoint import INCOMPLETE_PREFIX, complete_checkpoints
 
-from .helpers import REPO, losses, run_train, subprocess_env
+from .helpers import REPO, losses, run_train, subprocess_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -78,9 +77,8 @@ def test_resume_refuses_a_changed_architecture(tmp_path):
 
 def test_crash_during_save_leaves_previous_checkpoint_usable(tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"run.dir={run_dir}", "precision=fp32", "wandb.mode=disabled", "steps=200", "checkpoint.every=1"]
     proc = subprocess.Popen(
-        [sys.executable, "train.py", *args, *BATCH],
+        train_command(run_dir, "wandb.mode=disabled", "steps=200", "checkpoint.every=1", *BATCH),
         cwd=REPO,
         env=subprocess_env(),
         stdout=subprocess.DEVNULL,
@@ -98,6 +96,7 @@ def test_crash_during_save_leaves_previous_checkpoint_usable(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"training ended by itself with {proc.returncode}"
     assert any(root.glob(INCOMPLETE_PREFIX + "*")), "the kill did not land during a save"
     last_complete = complete_checkpoints(root)[-1]
     step = int(last_complete.name.split("_")[1])

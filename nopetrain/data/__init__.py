@@ -75,6 +75,10 @@ class TokenStream(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Mixture weights by source name, from the next sample on."""
+        ...
+
     @staticmethod
     def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         """Combines every rank's state into one a different number of readers can continue from."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from nopetrain.config import TrainConfig
+from nopetrain.config import ConfigError, TrainConfig
 from nopetrain.data import Batch
 
 
@@ -51,6 +51,10 @@ class SyntheticStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_samples = int(state["global_samples"])
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        if weights:
+            raise ConfigError(f"data.kind=synthetic has no sources to weight; got {sorted(weights)}")
 
     @staticmethod
     def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:

@@ -126,6 +126,36 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return path
 
 
+UNIVERSAL = "universal"
+
+
+def convert_to_universal(path: Path) -> Path:
+    """DeepSpeed's universal form of checkpoint `path` (written once, beside its shards, by rank 0), which a run with
+    another number of processes can load: ZeRO's own shards hold one partition per rank of the saving run."""
+    target = path / UNIVERSAL
+    if dist.get_rank() == 0 and not (target / "zero").is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        staging = path / (UNIVERSAL + ".incomplete")
+        shutil.rmtree(staging, ignore_errors=True)
+        ds_to_universal.main(
+            Namespace(
+                input_folder=str(path),
+                output_folder=str(staging),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+        )
+        os.replace(staging, target)
+    dist.barrier()
+    return target
+
+
 def read_rank_states(path: Path) -> list[dict[str, Any]]:
     """Every rank's saved state, for re-splitting the data streams over a different layout."""
     return [torch.load(file, weights_only=False) for file in sorted(path.glob("rank_*.pt"))]
@@ -135,12 +165,16 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def load(engine: DeepSpeedEngine, path: Path) -> dict[str, Any]:
-    """Loads model and optimizer state into the engine; returns this rank's RNG and data-stream state."""
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+def load(engine: DeepSpeedEngine, path: Path, universal: bool) -> dict[str, Any] | None:
+    """Loads model and optimizer state into the engine (from the universal form when the number of processes
+    changed); returns this rank's RNG and data-stream state, None if the saving run had no such rank."""
+    load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
+    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if loaded is None:
         raise ConfigError(f"checkpoint {path}: DeepSpeed found no model states to load")
     rank_file = path / f"rank_{dist.get_rank():05d}.pt"
     if not rank_file.exists():
+        if universal:
+            return None
         raise ConfigError(f"checkpoint {path}: {rank_file.name} is missing")
     return torch.load(rank_file, weights_only=False)

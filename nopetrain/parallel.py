@@ -73,7 +73,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool, load_universal: bool = False) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.deepspeed.stage}
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -95,6 +95,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str,
         },
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
+        # A checkpoint from a run with another number of processes is loaded in DeepSpeed's universal form.
+        "checkpoint": {"load_universal": load_universal},
         # The trainer does its own logging; keep DeepSpeed's periodic prints out of the console.
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -118,11 +120,12 @@ def build_engine(
     env: DistEnv,
     extra_qk_norm: str = "none",
     pretrained: dict[str, torch.Tensor] | None = None,
+    load_universal: bool = False,
 ) -> DeepSpeedEngine:
     """Builds the model (partitioned as it is constructed under ZeRO-3), fills in `pretrained` weights if given, and
     wraps it in a DeepSpeed engine; `extra_qk_norm` builds QK-norm gains a later DroPE switch will use (see
     nopetrain/drope.py)."""
-    ds_config = deepspeed_config(cfg, env.world_size, use_bf16(cfg.precision, env.device))
+    ds_config = deepspeed_config(cfg, env.world_size, use_bf16(cfg.precision, env.device), load_universal)
     torch.manual_seed(cfg.seed)
     stage3 = cfg.deepspeed.stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):

@@ -108,11 +108,15 @@ def switch_to_nope(engine: Any, qk_norm: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, plan: Plan, pretrained: dict[str, Any] | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, env: DistEnv, plan: Plan, pretrained: dict[str, Any] | None, resize: bool
+    ) -> None:
+        """`resize`: the run resumes from a checkpoint written by another number of processes."""
         self.cfg, self.env, self.plan = cfg, env, plan
         self.run_dir = Path(cfg.run.dir)
         extra_qk_norm = cfg.curriculum.drope.qk_norm if plan.drope_step is not None else "none"
-        self.engine = build_engine(cfg, env, extra_qk_norm, pretrained)
+        self.engine = build_engine(cfg, env, extra_qk_norm, pretrained, load_universal=resize)
+        self.resize = resize
         self.bf16 = use_bf16(cfg.precision, env.device)
         self.stream = PhasedStream(cfg, plan, env.rank, env.world_size)
         self.state: dict[str, Any] = {
@@ -131,19 +135,25 @@ class Trainer:
     def resume(self, path: Path) -> None:
         saved = checkpoint.read_trainer_state(path)
         check_compatible(saved["config"]["model"], self.cfg, path)
-        if saved["world_size"] != self.env.world_size:
-            raise ConfigError(
-                f"checkpoint {path} was written by {saved['world_size']} ranks and this run has "
-                f"{self.env.world_size}; ZeRO optimizer shards need the same data-parallel size"
+        if self.resize:
+            log.info(
+                "checkpoint %s was written by %d process(es), this run has %d: loading DeepSpeed's universal form of "
+                "it (model and optimizer state re-partitioned) and re-splitting the data positions of all its ranks",
+                path,
+                saved["world_size"],
+                self.env.world_size,
             )
-        rank_state = checkpoint.load(self.engine, path)
+            checkpoint.convert_to_universal(path)
+        rank_state = checkpoint.load(self.engine, path, universal=self.resize)
         for key in ("step", "tokens_seen", "wandb_run_id", "drope_step"):
             self.state[key] = saved[key]
-        checkpoint.set_rng_state(rank_state["rng"])
-        data_state = rank_state["data"]
-        if saved["config"]["data"]["num_workers"] != self.cfg.data.num_workers:
+        if rank_state is not None:
+            checkpoint.set_rng_state(rank_state["rng"])
+        if self.resize or saved["config"]["data"]["num_workers"] != self.cfg.data.num_workers:
             # Each rank's position covers only its own readers: re-split what is left over the new ones.
             data_state = self.stream.merge_states([s["data"] for s in checkpoint.read_rank_states(path)])
+        else:
+            data_state = rank_state["data"]
         self.stream.load_state_dict(data_state)
         if self.state["drope_step"] is not None:
             switch_to_nope(self.engine, self.cfg.curriculum.drope.qk_norm)
@@ -335,7 +345,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     pretrained = load_hf_state_dict(hf_folder) if hf_folder and resume_from is None else None
     if pretrained is not None:
         log.info("initialised from %s", hf_folder)
-    trainer = Trainer(cfg, env, plan, pretrained)
+    resize = resume_from is not None and checkpoint.read_trainer_state(resume_from)["world_size"] != env.world_size
+    trainer = Trainer(cfg, env, plan, pretrained, resize)
     if resume_from is not None:
         trainer.resume(resume_from)
     return trainer.run()

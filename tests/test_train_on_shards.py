@@ -52,3 +52,12 @@ def test_corrupt_shard_stops_the_run_naming_it(tmp_path, corpus):
     error = [line for line in proc.stderr.splitlines() if line.startswith("nopetrain: error:")]
     assert len(error) == 1
     assert str(math_copy) in error[0] and ".tar" in error[0]
+
+
+def test_resume_on_fewer_processes_re_splits_the_data(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    data = [*corpus_overrides(corpus), "data.num_workers=1", *BATCH]
+    run_train(run_dir, "steps=4", "stop_at_step=2", *data, nproc=2)
+    proc = run_train(run_dir, "steps=4", *data)
+    assert "merged over 2 rank(s) x 1 worker(s)" in proc.stderr
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]

@@ -134,3 +134,16 @@ def test_wandb_offline_run_and_saved_config(tmp_path):
     assert list(runs[0].glob("run-*.wandb"))
     saved = (run_dir / "config.yaml").read_text()
     assert "no_rope_layer_interval: 4" in saved and "global_batch_size: 8" in saved
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_resume_on_fewer_processes_continues_the_run(tmp_path, stage, one_process_run):
+    # Two processes stop after 2 steps; one process resumes from DeepSpeed's universal form of the checkpoint and
+    # must continue as the one-process run did (the global batches are the same).
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "steps=5", "stop_at_step=2", QK_NORM, f"deepspeed={stage}", *BATCH, nproc=2)
+    proc = run_train(run_dir, "steps=5", QK_NORM, f"deepspeed={stage}", *BATCH)
+    assert "written by 2 process(es), this run has 1" in proc.stderr
+    resumed = losses(run_dir)
+    for step, loss in one_process_run.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"

@@ -479,7 +479,8 @@ def _merge_source(states: list[dict[str, Any]], name: str) -> dict[str, Any]:
 def _shared_tokenizer(sources: dict[str, _Source]) -> dict[str, Any] | None:
     """The tokenizer record all manifest sources share; sources tokenized differently cannot be mixed."""
     records = {name: source.tokenizer for name, source in sources.items() if source.tokenizer is not None}
-    hashes = {record["sha256"] for record in records.values()}
+    # A manifest names its tokenizer by hash; a hand-written one may give only a path.
+    hashes = {record.get("sha256") or record.get("path") for record in records.values()}
     if len(hashes) > 1:
         raise ConfigError(f"data.sources use different tokenizers: { ({n: r['path'] for n, r in records.items()}) }")
     return next(iter(records.values()), None)

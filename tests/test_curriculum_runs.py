@@ -8,7 +8,10 @@ import json
 import pytest
 import torch
 
+from nopetrain.config import ModelConfig
+from nopetrain.export import export
 from nopetrain.hf import load_hf_state_dict
+from nopetrain.model import Transformer
 
 from .helpers import build_corpus, corpus_overrides, losses, run_train
 
@@ -136,3 +139,35 @@ def test_recalibrate_a_local_hugging_face_model(tmp_path):
     assert torch.equal(saved["module"]["layers.0.attn.q_norm_weight"], torch.ones(16))
     state = trainer_state(run_dir, 1)
     assert state["model_config"]["no_rope_layers"] == [0, 0, 0, 0] and state["model_config"]["vocab_size"] == 256
+
+
+def test_recalibrated_hugging_face_model_exports_back_to_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.SmolLM3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path / "smollm3"
+    transformers.SmolLM3ForCausalLM(hf_config).save_pretrained(folder)
+    run_dir = tmp_path / "run"
+    run_train(run_dir, f"init_from=hf:{folder}", "curriculum=drope_recalibrate", "steps=3", *BATCH)
+    checkpoint_dir = run_dir / "checkpoints" / "step_00000003"
+    export(checkpoint_dir, tmp_path / "export")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True)
+
+    state = trainer_state(run_dir, 3)
+    ours = Transformer(ModelConfig(**state["model_config"])).eval()
+    saved = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    ours.load_state_dict(saved)
+    tokens = torch.randint(256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
+    assert all(not layer.attn.use_rope and layer.attn.qk_norm == "qk" for layer in ours.layers)

@@ -1,0 +1,89 @@
+"""SmolLM3 with nopetrain's attention prologue: per-head RMS QK-norm before RoPE and an attention logit scale.
+
+Per layer and head, as nopetrain's `qk_norm_rope` computes it: RMS-normalise q (and k) over the head dimension in
+fp32, cast back and multiply by the learned gain; rotate with RoPE on the layers that use it (`no_rope_layers`);
+multiply q by `attn_logit_scale`. Everything else, sliding windows on `layer_types` included, is SmolLM3's.
+Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+"""
+
+from collections.abc import Callable
+
+import torch
+from transformers import SmolLM3ForCausalLM
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.smollm3.modeling_smollm3 import (
+    SmolLM3Attention,
+    SmolLM3RMSNorm,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_nopetrain import NopetrainConfig
+
+
+class NopetrainAttention(SmolLM3Attention):
+    def __init__(self, config: NopetrainConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        # SmolLM3RMSNorm computes in fp32 and applies the gain after casting back, like nopetrain's rms_norm.
+        self.q_norm = SmolLM3RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm in ("qk", "q") else None
+        self.k_norm = SmolLM3RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm == "qk" else None
+        self.logit_scale = config.attn_logit_scale
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.q_norm is not None:
+            query_states = self.q_norm(query_states)
+        if self.k_norm is not None:
+            key_states = self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+
+        if self.use_rope:
+            cos, sin = position_embeddings
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if self.logit_scale != 1.0:
+            query_states = query_states * self.logit_scale
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class NopetrainForCausalLM(SmolLM3ForCausalLM):
+    config_class = NopetrainConfig
+    config: NopetrainConfig
+
+    def __init__(self, config: NopetrainConfig):
+        super().__init__(config)
+        # SmolLM3's decoder layers build their own attention; swap ours in, then run post_init again so the
+        # top-level model registers and initialises the new modules.
+        for index, layer in enumerate(self.model.layers):
+            layer.self_attn = NopetrainAttention(config, index)
+        self.post_init()

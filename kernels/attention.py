@@ -13,7 +13,17 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-_USE_FLASH = flash_attn_available()
+_use_flash = flash_attn_available()
+
+
+def set_attention_backend(name: str) -> None:
+    """ "flash" (flash-attn, CUDA with bf16/fp16), "sdpa", or "auto" (flash where installed)."""
+    global _use_flash
+    if name not in ("auto", "flash", "sdpa"):
+        raise ValueError(f"attention backend {name!r} must be auto, flash or sdpa")
+    if name == "flash" and not flash_attn_available():
+        raise ValueError("attention backend flash needs flash-attn installed and a CUDA device")
+    _use_flash = name != "sdpa" and flash_attn_available()
 
 
 @dataclass
@@ -54,7 +64,7 @@ def attention(
     batch, seq_len = q.shape[:2]
     if window is not None and window >= seq_len:
         window = None
-    if _USE_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if _use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         window_size = (window - 1, 0) if window is not None else (-1, -1)
         if segments is None:
             from flash_attn import flash_attn_func

@@ -210,6 +210,8 @@ class TrainConfig:
     peak_tflops: float | None = None
     max_consecutive_nonfinite: int = 5
     compile: bool = False
+    # The fused q/k prologue: auto (Triton kernel on CUDA, PyTorch reference on CPU), triton, or torch.
+    kernels: str = "auto"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -277,6 +279,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         cfg.global_batch_size % per_step == 0,
         f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size x world size = {per_step}",
     )
+    _require(cfg.kernels in ("auto", "triton", "torch"), f"kernels={cfg.kernels!r} must be auto, triton or torch")
     _require(cfg.precision in ("auto", "bf16", "fp32"), f"precision={cfg.precision!r} must be auto, bf16 or fp32")
     _require(cfg.schedule.name in ("cosine", "wsd"), f"schedule.name={cfg.schedule.name!r} must be cosine or wsd")
     _require(cfg.schedule.warmup_steps >= 0, f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")

@@ -29,6 +29,7 @@ from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.data.phased import PhasedStream
 from nopetrain.drope import drop_rope
 from nopetrain.hf import folder_model_config, load_hf_state_dict
+from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops
 from nopetrain.model import count_parameters, lm_loss
 from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
@@ -338,6 +339,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = init_distributed()
     hf_folder = pretrained_model(cfg)
     validate(cfg, env.world_size)
+    set_kernel_backend(cfg.kernels)
     plan = resolve(cfg, env.world_size)
     run_dir = Path(cfg.run.dir)
     setup_logging(env.rank, run_dir)

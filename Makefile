@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# DeepSpeed compiles its C++ ops on first start; keep them across clones and CI runs.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/nopetrain/torch_extensions
+# DeepSpeed compiles its C++ ops on first start; keep them across runs. Builds depend on the venv's include paths,
+# so the cache is keyed by checkout path (two clones sharing one directory would rebuild each other's ops).
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/nopetrain/torch_extensions/$(shell printf '%s' '$(CURDIR)' | md5sum | cut -c1-12)
 export WANDB_MODE ?= offline
 RUN ?= demo-$(shell date +%Y%m%d-%H%M%S)
 

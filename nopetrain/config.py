@@ -32,6 +32,8 @@ class ModelConfig:
     # Defaults to hidden_size // num_heads; set it for models whose heads are wider or narrower.
     head_dim: int | None = None
     tie_embeddings: bool = True
+    # Biases on the q, k and v projections (Qwen2); every other projection is bias-free.
+    qkv_bias: bool = False
     rope_theta: float = 10000.0
     # Hugging Face SmolLM3 convention: layer i is NoPE iff (i + 1) % interval == 0; 0 means RoPE everywhere.
     no_rope_layer_interval: int | None = None

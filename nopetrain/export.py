@@ -118,8 +118,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def uses_remote_code(cfg: ModelConfig) -> bool:
-    """Whether stock SmolLM3 cannot compute this model (QK-norm in use or a logit scale)."""
-    return cfg.qk_norm != "none" or cfg.attn_logit_scale != 1.0
+    """Whether stock SmolLM3 cannot compute this model (QK-norm in use, a logit scale, or q/k/v-only biases)."""
+    return cfg.qk_norm != "none" or cfg.attn_logit_scale != 1.0 or cfg.qkv_bias
 
 
 def hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -179,6 +179,7 @@ def hf_config(
             auto_map=AUTO_MAP,
             qk_norm=cfg.qk_norm,
             attn_logit_scale=cfg.attn_logit_scale,
+            qkv_bias=cfg.qkv_bias,
         )
     return config
 

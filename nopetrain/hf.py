@@ -28,6 +28,8 @@ class Architecture:
     defaults: dict[str, Any] = field(default_factory=dict)
     # SmolLM3's no_rope_layers / no_rope_layer_interval cadence keys.
     nope_layers: bool = False
+    # Qwen2: q/k/v projections always carry biases (its config has no key for them).
+    qkv_bias: bool = False
 
 
 # Keyed by config.json's model_type. A new family (e.g. Qwen2, with q/k/v biases) is a new row here plus whatever
@@ -47,6 +49,11 @@ ARCHITECTURES = {
             "no_rope_layer_interval": 4,
         },
         nope_layers=True,
+    ),
+    "qwen2": Architecture(
+        "Qwen2ForCausalLM",
+        {"rope_theta": 10000.0, "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "num_key_value_heads": None},
+        qkv_bias=True,
     ),
 }
 
@@ -113,6 +120,7 @@ def model_config_from_hf(
         num_kv_heads=hf["num_key_value_heads"] or num_heads,
         head_dim=head_dim if head_dim and head_dim != hf["hidden_size"] // num_heads else None,
         tie_embeddings=bool(hf["tie_word_embeddings"]),
+        qkv_bias=arch.qkv_bias,
         rope_theta=_rope_theta(hf, str(source)),
         no_rope_layers=no_rope_layers,
         norm_eps=float(hf["rms_norm_eps"]),
@@ -132,6 +140,7 @@ _TOP_LEVEL = {
 }
 _IN_LAYER = {
     **{f"self_attn.{p}_proj.weight": f"attn.{p}_proj.weight" for p in "qkvo"},
+    **{f"self_attn.{p}_proj.bias": f"attn.{p}_proj.bias" for p in "qkv"},
     **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "mlp_norm.weight",

@@ -17,14 +17,16 @@ from nopetrain.kernels import DocumentSegments, attention, qk_norm_rope, rms_nor
 
 
 class Linear(nn.Linear):
-    """Bias-free linear layer initialised N(0, std)."""
+    """Linear layer initialised N(0, std), bias-free unless asked (bias initialised to 0)."""
 
-    def __init__(self, in_features: int, out_features: int, std: float) -> None:
+    def __init__(self, in_features: int, out_features: int, std: float, bias: bool = False) -> None:
         self.std = std
-        super().__init__(in_features, out_features, bias=False)
+        super().__init__(in_features, out_features, bias=bias)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class Embedding(nn.Embedding):
@@ -78,9 +80,9 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.sliding_window = cfg.sliding_window
         self.norm_eps = cfg.norm_eps
-        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, cfg.init_std)
-        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std)
-        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std)
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, cfg.init_std, cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std, cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.init_std, cfg.qkv_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, cfg.init_std)
         self.q_norm_weight = nn.Parameter(torch.ones(self.head_dim)) if norm_gains in ("qk", "q") else None
         self.k_norm_weight = nn.Parameter(torch.ones(self.head_dim)) if norm_gains == "qk" else None

@@ -141,9 +141,11 @@ def test_recalibrate_a_local_hugging_face_model(tmp_path):
     assert state["model_config"]["no_rope_layers"] == [0, 0, 0, 0] and state["model_config"]["vocab_size"] == 256
 
 
-def test_recalibrated_hugging_face_model_exports_back_to_transformers(tmp_path):
+@pytest.mark.parametrize("family", ["SmolLM3", "Qwen2"])
+def test_recalibrated_hugging_face_model_exports_back_to_transformers(tmp_path, family):
     transformers = pytest.importorskip("transformers")
-    hf_config = transformers.SmolLM3Config(
+    config_cls, model_cls = getattr(transformers, f"{family}Config"), getattr(transformers, f"{family}ForCausalLM")
+    hf_config = config_cls(
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
@@ -155,8 +157,8 @@ def test_recalibrated_hugging_face_model_exports_back_to_transformers(tmp_path):
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    folder = tmp_path / "smollm3"
-    transformers.SmolLM3ForCausalLM(hf_config).save_pretrained(folder)
+    folder = tmp_path / family
+    model_cls(hf_config).save_pretrained(folder)
     run_dir = tmp_path / "run"
     run_train(run_dir, f"init_from=hf:{folder}", "curriculum=drope_recalibrate", "steps=3", *BATCH)
     checkpoint_dir = run_dir / "checkpoints" / "step_00000003"

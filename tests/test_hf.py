@@ -33,6 +33,7 @@ def hf_model(kind: str, **overrides) -> torch.nn.Module:
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[kind]
     torch.manual_seed(0)
     model = model_cls(config_cls(**{**TINY, **overrides}, attn_implementation="eager")).float().eval()
@@ -193,3 +194,12 @@ def test_unknown_and_missing_weights_are_named(tmp_path):
     save_file(weights, folder / "model.safetensors")
     with pytest.raises(ConfigError, match=r"missing key lm_head\.weight"):
         load_hf_state_dict(folder)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_with_qkv_biases_matches_transformers(tmp_path, tied):
+    hf = hf_model("qwen2", tie_word_embeddings=tied)
+    ours = model_from_hf(save(hf, tmp_path / "qwen2"))
+    assert ours.config.qkv_bias and ours.layers[0].attn.q_proj.bias is not None
+    assert ours.layers[0].attn.o_proj.bias is None
+    assert_parity(hf, ours)

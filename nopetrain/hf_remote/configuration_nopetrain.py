@@ -18,6 +18,8 @@ class NopetrainConfig(SmolLM3Config):
     qk_norm: str = "none"
     # Multiplies the attention logits (folded into the queries after RoPE).
     attn_logit_scale: float = 1.0
+    # Biases on the q, k and v projections only (Qwen2-style); SmolLM3's attention_bias would also bias o_proj.
+    qkv_bias: bool = False
 
     def __post_init__(self, **kwargs):
         if self.qk_norm not in QK_NORM_CHOICES:

@@ -25,6 +25,10 @@ from .configuration_nopetrain import NopetrainConfig
 class NopetrainAttention(SmolLM3Attention):
     def __init__(self, config: NopetrainConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        if config.qkv_bias:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                plain = getattr(self, name)
+                setattr(self, name, torch.nn.Linear(plain.in_features, plain.out_features, bias=True))
         # SmolLM3RMSNorm computes in fp32 and applies the gain after casting back, like nopetrain's rms_norm.
         self.q_norm = SmolLM3RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm in ("qk", "q") else None
         self.k_norm = SmolLM3RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm == "qk" else None

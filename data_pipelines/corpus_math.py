@@ -39,15 +39,33 @@ NOUNS = (
 KV_SHARE = 0.05  # of documents; a look-up document is about ten times longer than a problem
 
 
+def lookup_keys(rng: random.Random, count: int) -> list[str]:
+    """`count` distinct two-word keys."""
+    codes = rng.sample(range(len(ADJECTIVES) * len(NOUNS)), count)
+    return [f"{ADJECTIVES[code // len(NOUNS)]} {NOUNS[code % len(NOUNS)]}" for code in codes]
+
+
+def lookup_value(rng: random.Random) -> str:
+    """A seven-digit value."""
+    return str(rng.randint(1_000_000, 9_999_999))
+
+
+def lookup_line(key: str, value: str) -> str:
+    return f"key: {key}, value: {value}"
+
+
+def lookup_question(key: str) -> str:
+    return f'Question: what is the value of the key "{key}"?\nAnswer:'
+
+
 def kv_lookup(rng: random.Random, num_pairs: int) -> tuple[str, str]:
     """A look-up prompt (ending in "Answer:") with `num_pairs` distinct keys, and its answer."""
-    codes = rng.sample(range(len(ADJECTIVES) * len(NOUNS)), num_pairs)
-    keys = [f"{ADJECTIVES[code // len(NOUNS)]} {NOUNS[code % len(NOUNS)]}" for code in codes]
-    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+    keys = lookup_keys(rng, num_pairs)
+    values = [lookup_value(rng) for _ in keys]
     asked = rng.randrange(num_pairs)
     lines = ["Remember the value of each key."]
-    lines += [f"key: {key}, value: {value}" for key, value in zip(keys, values, strict=True)]
-    lines += [f'Question: what is the value of the key "{keys[asked]}"?', "Answer:"]
+    lines += [lookup_line(key, value) for key, value in zip(keys, values, strict=True)]
+    lines.append(lookup_question(keys[asked]))
     return "\n".join(lines), values[asked]
 
 

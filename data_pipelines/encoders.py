@@ -22,6 +22,8 @@ HF_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[EOS]")
 class Encoder(Protocol):
     def encode(self, texts: list[str]) -> list[list[int]]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 @dataclass(frozen=True)
 class TokenizerInfo:
@@ -103,6 +105,9 @@ class _SentencePiece:
         # One thread: parallelism comes from worker processes, one per core.
         return self.processor.encode(texts, num_threads=1)
 
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
 
 class _HuggingFace:
     def __init__(self, path: str) -> None:
@@ -116,6 +121,9 @@ class _HuggingFace:
     def encode(self, texts: list[str]) -> list[list[int]]:
         # No special tokens: the stream adds EOS itself, and a template's BOS/EOS would double it.
         return [encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def load(info: TokenizerInfo) -> Encoder:

@@ -7,6 +7,7 @@ line is parsed; `validate()` then checks what types cannot express (divisibility
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +45,22 @@ class ModelConfig:
     sliding_window: int | None = None
     # Multiplies the softmax logits (beta in DroPE's 1 + c ln(s)); evaluation raises it for long inputs.
     attn_logit_scale: float = 1.0
+    # DroPE's length scaling on top of it: beta = 1 + c ln(s), s = max(1, input length / train_context). c is fitted
+    # on held-out perplexity by `python -m nopetrain.eval`; 0 leaves the logits alone at every length.
+    logit_scale_coef: float = 0.0
+    train_context: int | None = None
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def logit_scale_at(self, seq_len: int) -> float:
+        """The softmax logit multiplier for an input of `seq_len` tokens."""
+        if self.logit_scale_coef == 0.0 or self.train_context is None:
+            return self.attn_logit_scale
+        return self.attn_logit_scale * (1.0 + self.logit_scale_coef * math.log(max(1.0, seq_len / self.train_context)))
 
     def rope_layers(self) -> list[bool]:
         """Whether each layer applies RoPE, from whichever cadence key is set."""
@@ -260,6 +271,14 @@ def validate_model(cfg: ModelConfig) -> None:
         f"model.sliding_window={cfg.sliding_window} must be positive or null",
     )
     _require(cfg.attn_logit_scale > 0, f"model.attn_logit_scale={cfg.attn_logit_scale} must be positive")
+    _require(
+        cfg.train_context is None or cfg.train_context > 0,
+        f"model.train_context={cfg.train_context} must be positive or null",
+    )
+    _require(
+        cfg.logit_scale_coef == 0.0 or cfg.train_context is not None,
+        f"model.logit_scale_coef={cfg.logit_scale_coef} needs model.train_context (the length it is relative to)",
+    )
 
 
 def validate(cfg: TrainConfig, world_size: int) -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nopetrain.config import ModelConfig
+from nopetrain.eval.rope_scaling import RopeScaling, inverse_frequencies, logit_factor
 from nopetrain.kernels import DocumentSegments, attention, qk_norm_rope, rms_norm
 
 
@@ -48,11 +49,14 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables (batch or 1, seq, head_dim) for integer positions (batch or 1, seq).
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables (batch or 1, seq, head_dim) for integer positions (batch or 1, seq), with the
+    frequencies of an evaluation-time RoPE-scaling method when `scaling` is set.
 
     Always fp32: bf16 tables lose the low-frequency angles and are known to diverge training."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inv_freq = inverse_frequencies(head_dim, theta, scaling, positions.shape[-1], positions.device)
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
@@ -158,6 +162,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             # One Parameter owned by both modules, so ZeRO-3 gathers it for each of their forwards.
             self.lm_head.weight = self.embed.weight
+        # Set only by evaluation (nopetrain/eval): a RoPE-scaling baseline for inputs beyond the training context.
+        self.rope_scaling: RopeScaling | None = None
 
     def forward(
         self,
@@ -169,10 +175,13 @@ class Transformer(nn.Module):
         documents they restart at each document and `segments` keeps attention inside each one."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        rope = rope_tables(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
+        seq_len = input_ids.shape[1]
+        rope = rope_tables(position_ids, self.config.resolved_head_dim, self.config.rope_theta, self.rope_scaling)
+        # DroPE's length-dependent scale (1 up to the training context) times YaRN's temperature when it is in use.
+        logit_scale = self.config.logit_scale_at(seq_len) * logit_factor(self.rope_scaling, seq_len)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, self.config.attn_logit_scale, segments)
+            x = layer(x, rope, logit_scale, segments)
         return self.lm_head(self.norm(x))
 
 

@@ -37,7 +37,7 @@ from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
 log = logging.getLogger("nopetrain")
 
 # Model keys a resumed run may change; everything else must match the checkpoint's architecture.
-RUNTIME_MODEL_KEYS = {"attn_logit_scale"}
+RUNTIME_MODEL_KEYS = {"attn_logit_scale", "logit_scale_coef", "train_context"}
 
 
 class NonFiniteLossError(RuntimeError):

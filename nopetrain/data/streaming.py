@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -603,3 +604,25 @@ class ShardMixtureStream:
         """Stops the DataLoader workers; a later next_batch() starts them again from the current position."""
         for reader in self._readers.values():
             reader.close()
+
+
+def read_documents(path: str, vocab_size: int) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The documents (each with its EOS) of the source with a manifest at `path`, in input order, and the
+    manifest's tokenizer record, for evaluation. The samples of the shards, in manifest and key order, are the
+    packed stream cut into consecutive pieces, so a document is the tokens from one start to the next; the last one
+    is the beginning of a document (the stream's remainder was dropped when it was packed). Raises ConfigError or
+    DataError naming `path`."""
+    source = _from_manifest(path, path, f"heldout source {path}", vocab_size)
+    pieces, starts = [], []
+    for shard in range(len(source.urls)):
+        try:
+            samples = sorted(_read_shard(source, shard, vocab_size), key=lambda sample: sample[0])
+        except _ShardError as error:
+            raise DataError(f"heldout source {path}: shard {source.urls[shard]}: {error}") from None
+        for _, tokens, offsets in samples:
+            starts.append(offsets.astype(np.int64) + len(pieces) * (source.seq_len + 1))
+            pieces.append(tokens)
+    stream = np.concatenate(pieces).astype(np.int64)
+    bounds = [*np.concatenate(starts).tolist(), len(stream)]
+    documents = [stream[begin:end] for begin, end in itertools.pairwise(bounds)]
+    return documents, dict(source.tokenizer or {})

@@ -1,0 +1,36 @@
+"""`python -m nopetrain.eval checkpoint=runs/NAME out=DIR [key=value ...]`: evaluates, writes the report.
+
+Keys are those of nopetrain/eval/config.py (defaults in configs/eval.yaml). A bad key fails while Hydra composes;
+a bad value, checkpoint or data source stops with one line naming it and exit code 2.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nopetrain.config import ConfigError
+from nopetrain.data.streaming import DataError
+from nopetrain.eval.config import register_configs
+from nopetrain.eval.evaluate import evaluate
+from nopetrain.eval.report import write_report
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    eval_cfg = OmegaConf.to_object(cfg)
+    try:
+        rows = evaluate(eval_cfg)
+    except (ConfigError, DataError) as err:
+        print(f"nopetrain-eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    files = write_report(rows, eval_cfg.out, eval_cfg.wandb)
+    print(f"wrote {', '.join(str(path) for path in files.values())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The evaluation config: dataclasses registered in Hydra's ConfigStore (configs/eval.yaml composes on top), and
+`validate()`, whose errors are one line naming the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from nopetrain.config import ConfigError
+from nopetrain.eval.rope_scaling import METHODS as ROPE_METHODS
+
+NIAH_TASKS = ("standard", "multi_key", "multi_query", "multi_value")
+
+
+@dataclass
+class RopeScalingConfig:
+    # Applied to models with any RoPE layer, each as its own method next to `none`.
+    methods: list[str] = field(default_factory=lambda: list(ROPE_METHODS))
+    # YaRN's ramp bounds p and q (rotations over the training context) and its temperature coefficient.
+    yarn_alpha: float = 1.0
+    yarn_beta: float = 32.0
+    yarn_temperature_coef: float = 0.1
+
+
+@dataclass
+class PerplexityConfig:
+    enabled: bool = True
+    # Held-out documents per length (the first ones at least that long); fewer is said in one line.
+    documents: int = 16
+    # Position buckets in tokens; null: one training context per bucket.
+    bucket: int | None = None
+    batch_size: int = 4
+
+
+@dataclass
+class NiahConfig:
+    enabled: bool = True
+    tasks: list[str] = field(default_factory=lambda: list(NIAH_TASKS))
+    trials: int = 20
+    # Depths of the standard task's needle (fraction of the haystack); the task's score is their mean.
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    # Needles of the multi-* tasks (the paper: four), at random positions.
+    needles: int = 4
+    max_new_tokens: int = 32
+    batch_size: int = 8
+
+
+@dataclass
+class LogitScaleConfig:
+    # Models whose layers are all NoPE get method `logit_scale`: c fitted once and stored beside the checkpoint.
+    enabled: bool = True
+    # Fit again even when the checkpoint already has logit_scale.json.
+    refit: bool = False
+    # Search interval for c and the final bracket width.
+    low: float = 0.0
+    high: float = 2.0
+    tolerance: float = 0.005
+    # Held-out documents per target length for the fit (taken from the end of the document list).
+    documents: int = 8
+
+
+@dataclass
+class EvalWandbConfig:
+    mode: str = "offline"
+    project: str = "nopetrain"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    # One model: runs/NAME (its newest checkpoint), runs/NAME/checkpoints/step_N, or hf:/local/folder.
+    checkpoint: str | None = None
+    # Or several side by side: display name -> path as for `checkpoint`.
+    models: dict[str, str] = field(default_factory=dict)
+    out: str = "???"
+    # Held-out sources (folders with manifest.json) tokenized with the models' tokenizer.
+    heldout: list[str] = field(
+        default_factory=lambda: ["data/default/heldout/web", "data/default/heldout/code", "data/default/heldout/math"]
+    )
+    # Multiples of the training context to evaluate at.
+    factors: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    # The training context; null: the run's seq_len (its last phase's if set) or HF max_position_embeddings.
+    train_context: int | None = None
+    seed: int = 0
+    # auto: cuda when available, else cpu.
+    device: str = "auto"
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    niah: NiahConfig = field(default_factory=NiahConfig)
+    logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
+    wandb: EvalWandbConfig = field(default_factory=EvalWandbConfig)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Raises ConfigError naming the first bad key."""
+    _require((cfg.checkpoint is None) != (not cfg.models), "set exactly one of checkpoint=PATH and models={NAME: PATH}")
+    _require(bool(cfg.heldout), "heldout is empty; name at least one held-out source")
+    _require(bool(cfg.factors) and all(f >= 1 for f in cfg.factors), f"factors={list(cfg.factors)} must be >= 1")
+    _require(cfg.train_context is None or cfg.train_context > 0, f"train_context={cfg.train_context} must be > 0")
+    _require(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} must be auto, cpu or cuda")
+    for method in cfg.rope_scaling.methods:
+        _require(method in ROPE_METHODS, f"rope_scaling.methods has {method!r}; choose from {ROPE_METHODS}")
+    _require(
+        0 <= cfg.rope_scaling.yarn_alpha < cfg.rope_scaling.yarn_beta,
+        f"rope_scaling.yarn_alpha={cfg.rope_scaling.yarn_alpha} must be >= 0 and < "
+        f"rope_scaling.yarn_beta={cfg.rope_scaling.yarn_beta}",
+    )
+    for key in ("documents", "batch_size"):
+        value = getattr(cfg.perplexity, key)
+        _require(value > 0, f"perplexity.{key}={value} must be positive")
+    _require(cfg.perplexity.bucket is None or cfg.perplexity.bucket > 0, "perplexity.bucket must be positive or null")
+    for task in cfg.niah.tasks:
+        _require(task in NIAH_TASKS, f"niah.tasks has {task!r}; choose from {NIAH_TASKS}")
+    for key in ("trials", "needles", "max_new_tokens", "batch_size"):
+        value = getattr(cfg.niah, key)
+        _require(value > 0, f"niah.{key}={value} must be positive")
+    _require(
+        bool(cfg.niah.depths) and all(0.0 <= d <= 1.0 for d in cfg.niah.depths),
+        f"niah.depths={list(cfg.niah.depths)} must be fractions in [0, 1]",
+    )
+    scale = cfg.logit_scale
+    _require(scale.low < scale.high, f"logit_scale.low={scale.low} must be < logit_scale.high={scale.high}")
+    _require(scale.tolerance > 0, f"logit_scale.tolerance={scale.tolerance} must be positive")
+    _require(scale.documents > 0, f"logit_scale.documents={scale.documents} must be positive")
+    _require(
+        cfg.wandb.mode in ("online", "offline", "disabled"),
+        f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",
+    )
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

@@ -1,0 +1,59 @@
+"""Perplexity of whole held-out documents cut to L tokens, overall and by position bucket.
+
+Only documents longer than L are used (L inputs at positions 0..L-1 and the L tokens that follow them), so every
+position is a real position in its document: perplexity at position p measures what the model makes of p tokens
+of context, which is the question length generalisation asks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nopetrain.model import Transformer
+
+
+@dataclass
+class Perplexity:
+    length: int
+    documents: int
+    ppl: float
+    # (first position, perplexity) per bucket of positions.
+    buckets: list[tuple[int, float]]
+
+
+def long_documents(documents: list[np.ndarray], length: int, count: int, from_end: bool = False) -> list[np.ndarray]:
+    """Up to `count` documents with more than `length` tokens, from the start of the list (or its end)."""
+    ordered = reversed(documents) if from_end else iter(documents)
+    found = []
+    for document in ordered:
+        if len(document) > length:
+            found.append(document[: length + 1])
+            if len(found) == count:
+                break
+    return found
+
+
+@torch.no_grad()
+def position_nll(model: Transformer, documents: list[np.ndarray], batch_size: int) -> torch.Tensor:
+    """Summed next-token negative log-likelihood per position (fp64, on the host) over documents of equal length."""
+    device = next(model.parameters()).device
+    total = torch.zeros(len(documents[0]) - 1, dtype=torch.float64)
+    for start in range(0, len(documents), batch_size):
+        batch = torch.as_tensor(np.stack(documents[start : start + batch_size]), dtype=torch.long, device=device)
+        logits = model(batch[:, :-1]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        total += nll.sum(0).double().cpu()
+    return total
+
+
+def perplexity(model: Transformer, documents: list[np.ndarray], bucket: int, batch_size: int) -> Perplexity:
+    """Perplexity of `documents` (each L + 1 tokens, from `long_documents`) overall and per `bucket` positions."""
+    nll = position_nll(model, documents, batch_size) / len(documents)
+    length = len(nll)
+    buckets = [(first, math.exp(nll[first : first + bucket].mean().item())) for first in range(0, length, bucket)]
+    return Perplexity(length, len(documents), math.exp(nll.mean().item()), buckets)

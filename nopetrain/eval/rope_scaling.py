@@ -1,0 +1,81 @@
+"""RoPE-scaling methods applied at evaluation time (DroPE paper, appendix A): new frequencies w'_m = gamma_m w_m.
+
+- `pi` (position interpolation): gamma_m = 1/s.
+- `ntk` (NTK-aware): gamma_m = s^(-2m/(d-2)), m = 0..d/2-1, i.e. the base theta becomes theta * s^(d/(d-2)).
+- `yarn`: gamma_m = (1 - kappa_m)/s + kappa_m, where kappa_m ramps from 0 to 1 as r_m, the number of full
+  rotations frequency m makes over the training context (C_train w_m / 2 pi), goes from p (`alpha`) to q (`beta`);
+  plus its attention temperature: the logits are multiplied by (temperature_coef ln s + 1)^2 (YaRN scales q and
+  k by sqrt(1/t) = 0.1 ln s + 1 each).
+- `dynamic_ntk`: `ntk` with s = max(1, input length / C_train), recomputed on every forward.
+
+s is `factor` for the static methods (the evaluator sets it to target length / C_train) and follows the input
+length for dynamic NTK. At s = 1 every method is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("pi", "ntk", "yarn", "dynamic_ntk")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    method: str
+    train_context: int
+    # s for pi / ntk / yarn; ignored by dynamic_ntk.
+    factor: float = 1.0
+    # YaRN's ramp bounds p and q, in rotations over the training context, and its temperature coefficient.
+    alpha: float = 1.0
+    beta: float = 32.0
+    temperature_coef: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"rope scaling method {self.method!r} must be one of {METHODS}")
+
+    def scale(self, seq_len: int) -> float:
+        """The extension factor s for an input of `seq_len` tokens."""
+        if self.method == "dynamic_ntk":
+            return max(1.0, seq_len / self.train_context)
+        return self.factor
+
+
+def base_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """w_m = theta^(-2m/d), m = 0..d/2-1, in fp32."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def frequency_factors(scaling: RopeScaling, head_dim: int, theta: float, seq_len: int) -> torch.Tensor:
+    """gamma_m of the method for an input of `seq_len` tokens (fp32, d/2 entries)."""
+    s = scaling.scale(seq_len)
+    m = torch.arange(head_dim // 2, dtype=torch.float64)
+    if scaling.method == "pi":
+        gamma = torch.full_like(m, 1.0 / s)
+    elif scaling.method in ("ntk", "dynamic_ntk"):
+        gamma = s ** (-2.0 * m / (head_dim - 2))
+    else:
+        rotations = scaling.train_context * base_frequencies(head_dim, theta).double() / (2 * math.pi)
+        kappa = ((rotations - scaling.alpha) / (scaling.beta - scaling.alpha)).clamp(0.0, 1.0)
+        gamma = (1.0 - kappa) / s + kappa
+    return gamma.float()
+
+
+def inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling | None, seq_len: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """The RoPE frequencies the model rotates with: the base ones, scaled when `scaling` is set."""
+    freqs = base_frequencies(head_dim, theta, device)
+    if scaling is None:
+        return freqs
+    return freqs * frequency_factors(scaling, head_dim, theta, seq_len).to(device)
+
+
+def logit_factor(scaling: RopeScaling | None, seq_len: int) -> float:
+    """YaRN's attention temperature as a multiplier of the logits; 1 for the other methods."""
+    if scaling is None or scaling.method != "yarn":
+        return 1.0
+    return (scaling.temperature_coef * math.log(scaling.scale(seq_len)) + 1.0) ** 2

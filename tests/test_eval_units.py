@@ -1,0 +1,227 @@
+"""Evaluation building blocks without a trained model: RoPE-scaling frequencies against hand-computed values, the
+scaled model itself, the logit scale, the NIAH generator and scorer, the fit of c, the report."""
+
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nopetrain.config import ConfigError, ModelConfig, validate_model
+from nopetrain.eval import logit_scale, niah
+from nopetrain.eval.report import write_report
+from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
+from nopetrain.model import Transformer
+
+from .helpers import REPO
+
+# head_dim 8, theta 10^4: the base frequencies are 1, 0.1, 0.01, 0.001.
+HEAD_DIM, THETA, CONTEXT = 8, 10_000.0, 64
+BASE = [1.0, 0.1, 0.01, 0.001]
+
+
+def factors(method: str, s: float, seq_len: int = CONTEXT) -> list[float]:
+    return frequency_factors(RopeScaling(method, CONTEXT, s), HEAD_DIM, THETA, seq_len).tolist()
+
+
+@pytest.mark.parametrize("s", [2, 4])
+def test_pi_divides_every_frequency_by_s(s):
+    assert factors("pi", s) == pytest.approx([1 / s] * 4)
+
+
+def test_ntk_scales_frequency_m_by_s_to_the_minus_2m_over_d_minus_2():
+    # d - 2 = 6: gamma_m = s^(-m/3).
+    assert factors("ntk", 2) == pytest.approx([1.0, 0.7937005, 0.6299605, 0.5], rel=1e-6)
+    assert factors("ntk", 4) == pytest.approx([1.0, 0.6299605, 0.3968503, 0.25], rel=1e-6)
+    # The same as raising the base to theta * s^(d/(d-2)).
+    ntk_base = inverse_frequencies(HEAD_DIM, THETA * 2 ** (8 / 6), None, CONTEXT)
+    scaled = inverse_frequencies(HEAD_DIM, THETA, RopeScaling("ntk", CONTEXT, 2.0), CONTEXT)
+    torch.testing.assert_close(scaled, ntk_base, rtol=1e-6, atol=0)
+
+
+def test_yarn_interpolates_by_rotations_over_the_training_context():
+    # Rotations over 64 tokens: 64 w / 2 pi = 10.186, 1.0186, 0.10186, 0.010186; with p = 1, q = 32 the ramp is
+    # kappa = (r - 1) / 31 = 0.296320, 0.000600, then 0 (clamped), and gamma = (1 - kappa) / s + kappa.
+    assert factors("yarn", 2) == pytest.approx([0.6481599, 0.5002999, 0.5, 0.5], rel=1e-5)
+    assert factors("yarn", 4) == pytest.approx([0.4722399, 0.2504498, 0.25, 0.25], rel=1e-5)
+    # The temperature: logits times (0.1 ln s + 1)^2.
+    assert logit_factor(RopeScaling("yarn", CONTEXT, 2.0), CONTEXT) == pytest.approx(1.0693147**2, rel=1e-6)
+    assert logit_factor(RopeScaling("yarn", CONTEXT, 4.0), CONTEXT) == pytest.approx(1.1386294**2, rel=1e-6)
+    assert logit_factor(RopeScaling("ntk", CONTEXT, 4.0), CONTEXT) == 1.0
+    # A wider ramp keeps more frequencies interpolated: p = 0, q = 128 gives kappa_0 = 10.186 / 128.
+    wide = RopeScaling("yarn", CONTEXT, 2.0, alpha=0.0, beta=128.0)
+    assert frequency_factors(wide, HEAD_DIM, THETA, CONTEXT)[0].item() == pytest.approx(0.5 + 10.185916 / 256)
+
+
+def test_dynamic_ntk_follows_the_input_length_and_every_method_is_the_identity_at_s_1():
+    dynamic = RopeScaling("dynamic_ntk", CONTEXT)
+    assert frequency_factors(dynamic, HEAD_DIM, THETA, 4 * CONTEXT).tolist() == pytest.approx(factors("ntk", 4))
+    assert frequency_factors(dynamic, HEAD_DIM, THETA, CONTEXT // 2).tolist() == [1.0] * 4
+    for method in ("pi", "ntk", "yarn"):
+        assert factors(method, 1) == pytest.approx([1.0] * 4)
+    assert inverse_frequencies(HEAD_DIM, THETA, None, CONTEXT).tolist() == pytest.approx(BASE)
+
+
+def tiny_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return Transformer(cfg).eval()
+
+
+def test_position_interpolation_in_the_model_equals_halved_positions():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16)[None]
+    with torch.no_grad():
+        plain = model(ids, positions)
+        model.rope_scaling = RopeScaling("pi", 8, 2.0)
+        interpolated = model(ids, 2 * positions)
+        model.rope_scaling = None
+        far = model(ids, 2 * positions)
+    torch.testing.assert_close(interpolated, plain, atol=1e-5, rtol=1e-5)
+    assert (far - plain).abs().max() > 1e-3
+
+
+def test_logit_scale_acts_only_beyond_the_training_context():
+    cfg = ModelConfig(logit_scale_coef=0.5, train_context=64, attn_logit_scale=1.2)
+    assert cfg.logit_scale_at(32) == cfg.logit_scale_at(64) == 1.2
+    assert cfg.logit_scale_at(256) == pytest.approx(1.2 * (1 + 0.5 * math.log(4)))
+    with pytest.raises(ConfigError, match=r"model\.logit_scale_coef=0\.5 needs model\.train_context"):
+        validate_model(ModelConfig(logit_scale_coef=0.5))
+    model = tiny_model(no_rope_layers=[0, 0])
+    ids = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+        model.config.logit_scale_coef, model.config.train_context = 0.7, 32
+        at_context = model(ids)
+        model.config.train_context = 8
+        beyond = model(ids)
+    torch.testing.assert_close(at_context, before)
+    assert (beyond - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("target", [0.0, 0.37, 1.234, 2.0])
+def test_minimise_recovers_a_known_coefficient(target):
+    calls = []
+
+    def objective(c: float) -> float:
+        calls.append(c)
+        return math.log1p((c - target) ** 2) + 0.3 * abs(c - target)
+
+    found = logit_scale.minimise(objective, 0.0, 2.0, 1e-3)
+    assert found == pytest.approx(target, abs=1e-3)
+    assert len(calls) < 40
+
+
+def test_stored_scale_round_trips_and_a_broken_file_is_named(tmp_path):
+    path = tmp_path / logit_scale.FILE
+    assert logit_scale.read(path) is None
+    fitted = logit_scale.FittedScale(0.41, 64, [128, 256], [10.0, 12.0], [11.0, 15.0])
+    logit_scale.write(path, fitted)
+    assert logit_scale.read(path) == fitted
+    assert [p.name for p in tmp_path.iterdir()] == [logit_scale.FILE]
+    path.write_text("{")
+    with pytest.raises(ConfigError, match=str(path)):
+        logit_scale.read(path)
+
+
+@pytest.mark.parametrize(
+    ("task", "needles", "answers"),
+    [("standard", 1, 1), ("multi_key", 4, 1), ("multi_query", 4, 2), ("multi_value", 4, 4)],
+)
+def test_needle_task_text(task, needles, answers):
+    text = niah.needle_task(random.Random(5), task, 4)
+    assert text == niah.needle_task(random.Random(5), task, 4)  # same seed, same task
+    assert len(text.needles) == needles and len(text.answers) == answers
+    assert text.question.startswith("Question: ") and text.question.endswith("\nAnswer:")
+    for answer in text.answers:
+        assert len(answer) == 7 and answer.isdigit()
+        line = next(line for line in text.needles if line.endswith(f", value: {answer}"))
+        key = line.removeprefix("key: ").split(",")[0]
+        assert len(key.split()) == 2 and f'"{key}"' in text.question
+    if task == "multi_value":
+        assert len({line.split(",")[0] for line in text.needles}) == 1
+    else:
+        assert len({line.split(",")[0] for line in text.needles}) == needles
+
+
+def char_encode(texts: list[str]) -> list[list[int]]:
+    """A byte-level tokenizer, so that positions in the prompt can be checked by hand."""
+    return [list(text.encode()) for text in texts]
+
+
+def test_build_prompt_puts_needles_at_their_depths_and_has_the_exact_length():
+    text = niah.needle_task(random.Random(1), "multi_key", 4)
+    haystack = np.full(1000, ord("."), dtype=np.int64)
+    depths = [0.0, 0.25, 0.6, 1.0]
+    prompt = niah.build_prompt(text, haystack, depths, 600, char_encode)
+    assert len(prompt) == 600
+    decoded = bytes(prompt).decode()
+    assert decoded.endswith("\n" + text.question)
+    budget = 600 - sum(len(f"\n{n}\n") for n in text.needles) - len("\n" + text.question)
+    dots_before = [decoded[: decoded.index(needle)].count(".") for needle in text.needles]
+    assert dots_before == [round(d * budget) for d in depths]
+    with pytest.raises(ValueError, match="more than the prompt's 100"):
+        niah.build_prompt(text, haystack, depths, 100, char_encode)
+    with pytest.raises(ValueError, match="the haystack has 10 tokens"):
+        niah.build_prompt(text, haystack[:10], depths, 600, char_encode)
+
+
+def test_scoring_is_exact_match_on_seven_digit_values():
+    assert niah.score(" 1234567\n", ["1234567"]) == 1.0
+    assert niah.score(" 12345678", ["1234567"]) == 0.0  # eight digits are not the value
+    assert niah.score(" 7654321, 1234567", ["1234567"]) == 0.0  # the first number written counts
+    assert niah.score("", ["1234567"]) == 0.0
+    assert niah.score(" 1111111, 3333333", ["1111111", "2222222"]) == 0.5
+    assert niah.score(" 2222222 and 1111111", ["1111111", "2222222"]) == 1.0
+    assert niah.answered(" 1234567", 1) and not niah.answered(" 12345", 1) and niah.answered(" no\n", 2)
+
+
+def test_report_files(tmp_path):
+    rows = [
+        {"model": "a", "method": m, "context_factor": f, "context_len": 64 * f, "metric": "ppl", "value": v, "n": 2}
+        for m, f, v in [("none", 1, 10.0), ("none", 2, 20.0), ("yarn", 1, 10.0), ("yarn", 2, 14.0)]
+    ]
+    rows += [
+        {
+            "model": "a",
+            "method": "none",
+            "context_factor": f,
+            "context_len": 64 * f,
+            "metric": "niah",
+            "task": "standard",
+        }
+        | ({"depth": d} if d is not None else {})
+        | {"value": v, "n": 4}
+        for f, d, v in [(1, None, 0.5), (1, 0.0, 1.0), (1, 1.0, 0.0), (2, None, 0.25), (2, 0.0, 0.5), (2, 1.0, 0.0)]
+    ]
+    rows.append({**rows[0], "metric": "ppl_bucket", "position": 0})
+    files = write_report(rows, tmp_path / "report")
+    assert sorted(files) == [
+        "niah_by_depth.png",
+        "niah_by_length.png",
+        "ppl_by_position.png",
+        "ppl_vs_length.png",
+        "results.csv",
+        "results.md",
+    ]
+    for name in files:
+        if name.endswith(".png"):
+            assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = files["results.md"].read_text()
+    assert "| a | yarn | 10.000 | 14.000 |" in table and "| a | none | 50.0 | 25.0 |" in table
+    assert len(files["results.csv"].read_text().splitlines()) == len(rows) + 1
+
+
+def test_module_imports_stay_light():
+    # nopetrain.model imports nopetrain.eval.rope_scaling; the package must not import the evaluation stack back.
+    code = "import nopetrain.model, sys; print('nopetrain.eval.evaluate' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.strip() == "False"

@@ -189,6 +189,18 @@ class WandbConfig:
 
 
 @dataclass
+class TrainingEvalConfig:
+    # Held-out perplexity at multiples of the current sequence length every `every` steps (0: off), logged as
+    # eval/ppl_{k}x; a multiple of log_every, since it is logged with that step's metrics.
+    every: int = 0
+    factors: list[int] = field(default_factory=lambda: [1, 2, 4])
+    # Held-out documents per length (the first ones long enough) from `source`, a folder with manifest.json
+    # tokenized like the training data (e.g. data/default/heldout/web).
+    documents: int = 4
+    source: str | None = None
+
+
+@dataclass
 class RunConfig:
     name: str = "${model.name}"
     dir: str = "runs/${run.name}"
@@ -205,6 +217,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
     # Start from pretrained weights: "hf:/local/folder" (Llama, SmolLM, SmolLM3); the model's shape comes from its
     # config.json. Ignored when resuming from one of our checkpoints.
     init_from: str | None = None
@@ -318,6 +331,17 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         cfg.wandb.mode in ("online", "offline", "disabled"),
         f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",
     )
+    if cfg.eval.every:
+        _require(
+            cfg.eval.every > 0 and cfg.eval.every % cfg.log_every == 0,
+            f"eval.every={cfg.eval.every} must be a multiple of log_every={cfg.log_every} (or 0: off)",
+        )
+        _require(cfg.eval.source is not None, "eval.every is set but eval.source (a held-out source) is not")
+        _require(cfg.eval.documents > 0, f"eval.documents={cfg.eval.documents} must be positive")
+        _require(
+            bool(cfg.eval.factors) and all(f >= 1 for f in cfg.eval.factors),
+            f"eval.factors={list(cfg.eval.factors)} must be >= 1",
+        )
     _require(cfg.data.kind in ("shards", "synthetic"), f"data.kind={cfg.data.kind!r} must be shards or synthetic")
     _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error!r} must be raise or skip")
     _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")

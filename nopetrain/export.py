@@ -10,7 +10,9 @@ as it is at that step (after a DroPE switch: all layers NoPE, QK-norm as switche
   transformers: `AutoModelForCausalLM.from_pretrained(DIR)`. `no_rope_layers` holds our RoPE/NoPE cadence (1 = RoPE);
   a sliding window is written as explicit `layer_types` on the RoPE layers (SmolLM3's own default would window the
   NoPE layers instead).
-- SmolLM3 plus shipped modeling code (`model_type: nopetrain`), when QK-norm is in use or the logit scale is not 1.
+- SmolLM3 plus shipped modeling code (`model_type: nopetrain`), when QK-norm is in use or the logit scale is not 1
+  (including a length-dependent one fitted by `python -m nopetrain.eval`, read from `logit_scale.json` beside the
+  checkpoint).
   configuration_nopetrain.py and modeling_nopetrain.py (from nopetrain/hf_remote/) are copied into DIR and named in
   config.json's `auto_map`: `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. Stock transformers
   refuses the folder without that flag rather than loading it as SmolLM3 without the QK-norm.
@@ -42,7 +44,8 @@ from typing import Any
 import torch
 
 from nopetrain.checkpoint import TRAINER_STATE
-from nopetrain.config import ModelConfig, validate_model
+from nopetrain.config import ConfigError, ModelConfig, validate_model
+from nopetrain.eval import logit_scale
 from nopetrain.hf import _IN_LAYER, _TOP_LEVEL
 from nopetrain.model import Transformer
 
@@ -119,7 +122,7 @@ def _one_line(err: BaseException) -> str:
 
 def uses_remote_code(cfg: ModelConfig) -> bool:
     """Whether stock SmolLM3 cannot compute this model (QK-norm in use, a logit scale, or q/k/v-only biases)."""
-    return cfg.qk_norm != "none" or cfg.attn_logit_scale != 1.0 or cfg.qkv_bias
+    return cfg.qk_norm != "none" or cfg.attn_logit_scale != 1.0 or cfg.logit_scale_coef != 0.0 or cfg.qkv_bias
 
 
 def hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -179,6 +182,8 @@ def hf_config(
             auto_map=AUTO_MAP,
             qk_norm=cfg.qk_norm,
             attn_logit_scale=cfg.attn_logit_scale,
+            logit_scale_coef=cfg.logit_scale_coef,
+            train_context=cfg.train_context,
             qkv_bias=cfg.qkv_bias,
         )
     return config
@@ -255,6 +260,13 @@ def export(checkpoint: Path, output: Path, dtype: str = "float32") -> str:
         raise ExportError(f"{output}: already exists; remove it or choose another --output")
     ckpt = read_checkpoint(checkpoint)
     cfg = ckpt.model_config
+    try:
+        fitted = logit_scale.read(checkpoint / logit_scale.FILE)
+    except ConfigError as err:
+        raise ExportError(str(err)) from None
+    if fitted is not None:
+        # DroPE's logit scale fitted by `python -m nopetrain.eval` travels with the weights.
+        cfg.logit_scale_coef, cfg.train_context = fitted.coef, fitted.train_context
     output.parent.mkdir(parents=True, exist_ok=True)
     # Beside the output, so the final rename stays on one filesystem; mkdir (not mkdtemp) keeps the umask's mode.
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")

@@ -28,6 +28,7 @@ from nopetrain.config import ConfigError, TrainConfig, validate
 from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.data.phased import PhasedStream
 from nopetrain.drope import drop_rope
+from nopetrain.eval.training import TrainingEval
 from nopetrain.hf import folder_model_config, load_hf_state_dict
 from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops
@@ -132,6 +133,7 @@ class Trainer:
         self.metrics: MetricsLogger | None = None
         self.phase: Phase | None = None
         self.accumulation = 0
+        self.evaluator = TrainingEval(cfg) if cfg.eval.every else None
 
     def resume(self, path: Path) -> None:
         saved = checkpoint.read_trainer_state(path)
@@ -312,6 +314,8 @@ class Trainer:
                 if peak is not None:
                     row["mfu"] = tflops / peak
                 row.update(self.stream.stats())
+                if self.evaluator is not None and state["step"] % cfg.eval.every == 0:
+                    row.update(self.evaluator(engine.module, self.phase.seq_len))
                 self.metrics.log(state["step"], row)
                 loss_sum.zero_()
                 finite_micro_batches.zero_()

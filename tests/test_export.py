@@ -193,6 +193,18 @@ def test_drope_checkpoints_before_and_after_the_switch(drope_run, tmp_path):
     ours.layers[0].attn.qk_norm = "none"
     assert_other_logits(hf, ours)
 
+    # A logit scale fitted by the evaluation (beside the checkpoint) is exported and applied by the shipped code:
+    # the test inputs (24 tokens) are 3x the context of 8 it is written for.
+    fitted = {"coef": 0.4, "train_context": 8, "lengths": [16], "ppl": [1.0], "ppl_unscaled": [1.0]}
+    (after / "logit_scale.json").write_text(json.dumps(fitted))
+    config = json.loads((export(after, tmp_path / "scaled") / "config.json").read_text())
+    assert (config["logit_scale_coef"], config["train_context"]) == (0.4, 8)
+    hf = load_hf(tmp_path / "scaled", trust_remote_code=True)
+    ours = our_model(after)
+    assert_other_logits(hf, ours)
+    ours.config.logit_scale_coef, ours.config.train_context = 0.4, 8
+    assert_same_logits(hf, ours)
+
 
 def test_zero3_two_process_checkpoint(zero3_checkpoint, tmp_path):
     assert not (zero3_checkpoint / "mp_rank_00_model_states.pt").exists()  # partitioned, nothing holds it whole

@@ -72,7 +72,7 @@ class EvalWandbConfig:
 class EvalConfig:
     # One model: runs/NAME (its newest checkpoint), runs/NAME/checkpoints/step_N, or hf:/local/folder.
     checkpoint: str | None = None
-    # Or several side by side: display name -> path as for `checkpoint`.
+    # Or several side by side: display name -> path as for `checkpoint` (`+models.rope=runs/a +models.drope=runs/b`).
     models: dict[str, str] = field(default_factory=dict)
     out: str = "???"
     # Held-out sources (folders with manifest.json) tokenized with the models' tokenizer.
@@ -100,7 +100,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(cfg: EvalConfig) -> None:
     """Raises ConfigError naming the first bad key."""
-    _require((cfg.checkpoint is None) != (not cfg.models), "set exactly one of checkpoint=PATH and models={NAME: PATH}")
+    _require((cfg.checkpoint is None) != (not cfg.models), "set exactly one of checkpoint=PATH and +models.NAME=PATH")
     _require(bool(cfg.heldout), "heldout is empty; name at least one held-out source")
     _require(bool(cfg.factors) and all(f >= 1 for f in cfg.factors), f"factors={list(cfg.factors)} must be >= 1")
     _require(cfg.train_context is None or cfg.train_context > 0, f"train_context={cfg.train_context} must be > 0")

@@ -18,6 +18,10 @@ class NopetrainConfig(SmolLM3Config):
     qk_norm: str = "none"
     # Multiplies the attention logits (folded into the queries after RoPE).
     attn_logit_scale: float = 1.0
+    # DroPE's length scaling on top of it: 1 + logit_scale_coef * ln(max(1, length / train_context)), where length
+    # is the number of tokens attended to (cached ones included).
+    logit_scale_coef: float = 0.0
+    train_context: int | None = None
     # Biases on the q, k and v projections only (Qwen2-style); SmolLM3's attention_bias would also bias o_proj.
     qkv_bias: bool = False
 

@@ -2,10 +2,12 @@
 
 Per layer and head, as nopetrain's `qk_norm_rope` computes it: RMS-normalise q (and k) over the head dimension in
 fp32, cast back and multiply by the learned gain; rotate with RoPE on the layers that use it (`no_rope_layers`);
-multiply q by `attn_logit_scale`. Everything else, sliding windows on `layer_types` included, is SmolLM3's.
-Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+multiply q by `attn_logit_scale`, times DroPE's `1 + logit_scale_coef * ln(max(1, length / train_context))` for
+inputs longer than the training context (length counts cached tokens too). Everything else, sliding windows on
+`layer_types` included, is SmolLM3's. Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -33,6 +35,7 @@ class NopetrainAttention(SmolLM3Attention):
         self.q_norm = SmolLM3RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm in ("qk", "q") else None
         self.k_norm = SmolLM3RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm == "qk" else None
         self.logit_scale = config.attn_logit_scale
+        self.logit_scale_coef, self.train_context = config.logit_scale_coef, config.train_context
 
     def forward(
         self,
@@ -56,8 +59,13 @@ class NopetrainAttention(SmolLM3Attention):
         if self.use_rope:
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if self.logit_scale != 1.0:
-            query_states = query_states * self.logit_scale
+        logit_scale = self.logit_scale
+        if self.logit_scale_coef:
+            cached = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+            length = cached + query_states.shape[-2]
+            logit_scale *= 1.0 + self.logit_scale_coef * math.log(max(1.0, length / self.train_context))
+        if logit_scale != 1.0:
+            query_states = query_states * logit_scale
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)

@@ -1,0 +1,157 @@
+"""`python -m nopetrain.eval` end to end on tiny checkpoints trained on the small real corpus: a RoPE model (with
+the scaling baselines) and the same run after DroPE (with the fitted logit scale), side by side in one report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nopetrain.data_pipelines.encoders import describe, load
+from nopetrain.eval import niah
+from nopetrain.eval.config import EvalConfig, NiahConfig, PerplexityConfig, RopeScalingConfig
+from nopetrain.eval.evaluate import evaluate
+
+from .helpers import REPO, build_corpus, corpus_overrides, run_train, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus) -> Path:
+    """Four steps at seq_len 64: RoPE (RRRN) at step 2, every layer NoPE after the DroPE switch at step 3; held-out
+    perplexity evaluated every 2 steps."""
+    run_dir = tmp_path_factory.mktemp("run")
+    overrides = ("steps=4", "checkpoint.every=2", "checkpoint.keep=4", "curriculum.drope.at_step=3")
+    evaluation = ("eval.every=2", f"eval.source={corpus}/heldout/web", "eval.factors=[1,2]", "eval.documents=2")
+    run_train(run_dir, *corpus_overrides(corpus), *overrides, *evaluation)
+    return run_dir
+
+
+def test_training_logs_heldout_perplexity_every_n_steps(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {row["step"]: (row["eval/ppl_1x"], row["eval/ppl_2x"]) for row in rows if "eval/ppl_1x" in row}
+    assert sorted(evaluated) == [2, 4]
+    assert all(1.0 < ppl < 1024 for pair in evaluated.values() for ppl in pair)
+    assert evaluated[2] != evaluated[4]
+
+
+def heldout(corpus: Path) -> str:
+    return "[" + ",".join(f"{corpus}/heldout/{name}" for name in ("web", "code", "math")) + "]"
+
+
+def eval_command(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "nopetrain.eval", *overrides]
+
+
+def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tmp_path):
+    rope, drope = run_dir / "checkpoints" / "step_00000002", run_dir / "checkpoints" / "step_00000004"
+    out = tmp_path / "report"
+    overrides = [
+        f"+models.rope={rope}",
+        f"+models.drope={run_dir}",  # a run directory means its newest checkpoint
+        f"out={out}",
+        f"heldout={heldout(corpus)}",
+        "factors=[1,2]",
+        "perplexity.documents=2",
+        "niah.trials=2",
+        "niah.tasks=[standard,multi_key]",
+        "niah.depths=[0.0,1.0]",
+        "niah.max_new_tokens=8",
+        "rope_scaling.methods=[pi,yarn]",
+        "logit_scale.tolerance=0.1",
+        "logit_scale.documents=2",
+    ]
+    proc = subprocess.run(
+        eval_command(*overrides), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "niah_by_depth.png",
+        "niah_by_length.png",
+        "ppl_by_position.png",
+        "ppl_vs_length.png",
+        "results.csv",
+        "results.md",
+    ]
+    assert any((out / "wandb").glob("offline-run-*"))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    methods = {(row["model"], row["method"]) for row in rows}
+    assert methods == {("rope", "none"), ("rope", "pi"), ("rope", "yarn"), ("drope", "none"), ("drope", "logit_scale")}
+    ppl = {(r["model"], r["method"], r["context_len"]): float(r["value"]) for r in rows if r["metric"] == "ppl"}
+    assert set(ppl) == {(model, method, length) for model, method in methods for length in ("64", "128")}
+    # At the training context every scaling is the identity; beyond it, they change the model.
+    assert ppl[("rope", "pi", "64")] == pytest.approx(ppl[("rope", "none", "64")], rel=1e-5)
+    assert ppl[("rope", "yarn", "128")] != ppl[("rope", "none", "128")]
+    # Four needles do not fit 64 tokens: multi_key appears at 128 only (and the log says why).
+    niah_rows = [r for r in rows if r["metric"] == "niah" and not r["depth"]]
+    assert {(r["task"], r["context_len"]) for r in niah_rows if r["model"] == "rope" and r["method"] == "none"} == {
+        ("standard", "64"),
+        ("standard", "128"),
+        ("multi_key", "128"),
+    }
+    assert "NIAH multi_key at 64 tokens skipped" in proc.stderr
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in niah_rows)
+    table = (out / "results.md").read_text()
+    assert "## Perplexity" in table and "| drope | logit_scale |" in table and "## NIAH multi_key" in table
+
+    # The fit is stored beside the DroPE checkpoint, within the search range, with what it was fitted on.
+    fitted = json.loads((drope / "logit_scale.json").read_text())
+    assert 0.0 <= fitted["coef"] <= 2.0 and fitted["train_context"] == 64 and fitted["lengths"] == [128]
+    assert fitted["ppl"][0] <= fitted["ppl_unscaled"][0] + 1e-9
+    assert not (rope / "logit_scale.json").exists()
+
+    # The Python API: same rows for the same config, and the stored c is reused rather than fitted again.
+    stamp = (drope / "logit_scale.json").stat().st_mtime_ns
+    cfg = EvalConfig(
+        checkpoint=str(drope),
+        out=str(tmp_path / "api"),
+        heldout=heldout(corpus)[1:-1].split(","),
+        factors=[1, 2],
+        perplexity=PerplexityConfig(documents=2),
+        niah=NiahConfig(enabled=False),
+        rope_scaling=RopeScalingConfig(),
+    )
+    api_rows = evaluate(cfg)
+    assert (drope / "logit_scale.json").stat().st_mtime_ns == stamp
+    api_ppl = {(r["method"], r["context_len"]): r["value"] for r in api_rows if r["metric"] == "ppl"}
+    assert api_ppl[("logit_scale", 128)] == pytest.approx(ppl[("drope", "logit_scale", "128")], rel=1e-6)
+    assert {r["model"] for r in api_rows} == {"step_00000004"}
+
+
+def test_a_copying_model_scores_100_percent_through_the_real_tokenizer(corpus):
+    tokenizer = load(describe(str(corpus / "tokenizer.model")))
+    for seed in range(20):
+        for task in ("standard", "multi_key", "multi_query", "multi_value"):
+            text = niah.needle_task(random.Random(seed), task, 4)
+            copied = tokenizer.decode(tokenizer.encode([" " + text.answer_text + "\n"])[0])
+            assert niah.score(copied, text.answers) == 1.0
+            assert niah.score(copied.replace(text.answers[0], "0000000"), text.answers) < 1.0
+
+
+def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path, corpus):
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run(
+        eval_command(f"checkpoint={missing}", f"out={tmp_path / 'out'}", f"heldout={heldout(corpus)}"),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        f"nopetrain-eval: error: {missing}: neither a checkpoint nor a run directory with complete checkpoints"
+    ]
+    assert not (tmp_path / "out" / "results.csv").exists()

@@ -62,8 +62,9 @@ def methods_for(loaded: LoadedModel, cfg: EvalConfig) -> list[str]:
     return methods
 
 
-def fitted_scale(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> logit_scale.FittedScale:
-    """The stored logit scale of the checkpoint, or a new fit (then stored) if there is none or refit is asked."""
+def fitted_scale(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> logit_scale.FittedScale | None:
+    """The stored logit scale of the checkpoint, or a new fit (then stored) if there is none or refit is asked;
+    None when no held-out document is long enough to fit one."""
     stored = logit_scale.read(loaded.scale_file)
     if stored is not None and not cfg.logit_scale.refit and stored.train_context == loaded.train_context:
         return stored
@@ -74,7 +75,10 @@ def fitted_scale(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConf
         if found:
             targets[factor * context] = found
     if not targets:
-        raise ConfigError(f"no held-out document is longer than {2 * context} tokens; cannot fit the logit scale")
+        log.warning(
+            "%s: no held-out document is longer than %d tokens; no logit scale fitted", loaded.name, 2 * context
+        )
+        return None
     started = time.perf_counter()
     fitted = logit_scale.fit(
         loaded.model,
@@ -194,7 +198,10 @@ def niah_rows(loaded: LoadedModel, documents: list[np.ndarray], length: int, cfg
 def evaluate_model(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> list[Row]:
     """Rows for one loaded model: every method at every length."""
     methods = methods_for(loaded, cfg)
-    coef = fitted_scale(loaded, documents, cfg).coef if "logit_scale" in methods else 0.0
+    fitted = fitted_scale(loaded, documents, cfg) if "logit_scale" in methods else None
+    if fitted is None and "logit_scale" in methods:
+        methods.remove("logit_scale")
+    coef = fitted.coef if fitted is not None else 0.0
     rows = []
     for method in methods:
         for factor in cfg.factors:

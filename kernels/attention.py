@@ -38,9 +38,13 @@ class DocumentSegments:
         return DocumentSegments(self.ids.to(device, non_blocking=True), self.cu_seqlens.to(device, non_blocking=True))
 
 
-def _mask(seq_len: int, window: int | None, segments: DocumentSegments | None, device: torch.device) -> torch.Tensor:
-    """Boolean mask, True where query i may see key j: j <= i, i - j < window, same document."""
-    offsets = torch.arange(seq_len, device=device)[:, None] - torch.arange(seq_len, device=device)[None, :]
+def _mask(
+    q_len: int, k_len: int, window: int | None, segments: DocumentSegments | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean mask, True where query i may see key j: j <= i, i - j < window, same document. The queries are the
+    last q_len of the k_len positions (decoding with a KV cache)."""
+    query_positions = torch.arange(k_len - q_len, k_len, device=device)
+    offsets = query_positions[:, None] - torch.arange(k_len, device=device)[None, :]
     allowed = offsets >= 0
     if window is not None:
         allowed = allowed & (offsets < window)
@@ -57,12 +61,14 @@ def attention(
     window: int | None = None,
     segments: DocumentSegments | None = None,
 ) -> torch.Tensor:
-    """q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim) -> (batch, seq, heads, head_dim).
+    """q (batch, seq, heads, head_dim), k and v (batch, keys, kv_heads, head_dim) -> (batch, seq, heads, head_dim).
 
     Softmax scale is head_dim ** -0.5; any extra logit scale is already folded into q. `window` limits each query
-    to the last `window` keys (itself included); `segments` keeps attention inside each packed document."""
+    to the last `window` keys (itself included); `segments` keeps attention inside each packed document. With more
+    keys than queries (a KV cache) the queries are the last positions."""
     batch, seq_len = q.shape[:2]
-    if window is not None and window >= seq_len:
+    k_len = k.shape[1]
+    if window is not None and window >= k_len:
         window = None
     if _use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         window_size = (window - 1, 0) if window is not None else (-1, -1)
@@ -85,10 +91,9 @@ def attention(
         )
         return out.unflatten(0, (batch, seq_len))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if window is None and segments is None:
+    if window is None and segments is None and seq_len == k_len:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_mask(seq_len, window, segments, q.device), enable_gqa=True
-        )
+        mask = _mask(seq_len, k_len, window, segments, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return out.transpose(1, 2)

@@ -50,13 +50,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(
-    positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None, seq_len: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin tables (batch or 1, seq, head_dim) for integer positions (batch or 1, seq), with the
-    frequencies of an evaluation-time RoPE-scaling method when `scaling` is set.
+    frequencies of an evaluation-time RoPE-scaling method when `scaling` is set (dynamic methods follow `seq_len`,
+    the input's whole length, by default the number of positions).
 
     Always fp32: bf16 tables lose the low-frequency angles and are known to diverge training."""
-    inv_freq = inverse_frequencies(head_dim, theta, scaling, positions.shape[-1], positions.device)
+    inv_freq = inverse_frequencies(head_dim, theta, scaling, seq_len or positions.shape[-1], positions.device)
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
@@ -69,6 +70,26 @@ def qk_norm_union(first: str, second: str) -> str:
     return "q" if "q" in (first, second) else "none"
 
 
+class KVCache:
+    """Keys (after RoPE) and values of every layer for the tokens fed so far, for incremental decoding: each call of
+    `Transformer.forward` with a cache feeds only the new tokens. Evaluation and generation only, never training."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[1]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends this layer's new keys and values; returns all of them."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat((self.keys[layer], k), dim=1), torch.cat((self.values[layer], v), dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     """Grouped-query attention. `use_rope` and `qk_norm` are read on every forward, so DroPE can flip them.
 
@@ -77,8 +98,9 @@ class Attention(nn.Module):
     `cfg.qk_norm` that stay unused (and so unchanged) until DroPE switches them on; creating them here lets
     ZeRO-3 partition them and the optimizer hold them from the first step."""
 
-    def __init__(self, cfg: ModelConfig, use_rope: bool, norm_gains: str) -> None:
+    def __init__(self, cfg: ModelConfig, use_rope: bool, norm_gains: str, index: int) -> None:
         super().__init__()
+        self.index = index  # its slot in a KVCache
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         self.use_rope = use_rope
         self.qk_norm = cfg.qk_norm
@@ -97,6 +119,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         logit_scale: float,
         segments: DocumentSegments | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
@@ -113,6 +136,8 @@ class Attention(nn.Module):
             logit_scale,
             self.norm_eps,
         )
+        if cache is not None:
+            k, v = cache.extend(self.index, k, v)
         # The window belongs to the RoPE layers (RNoPE-SWA); NoPE layers, and every layer after DroPE, are global.
         window = self.sliding_window if self.use_rope else None
         out = attention(q, k, v, window, segments)
@@ -131,10 +156,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, use_rope: bool, norm_gains: str) -> None:
+    def __init__(self, cfg: ModelConfig, use_rope: bool, norm_gains: str, index: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg, use_rope, norm_gains)
+        self.attn = Attention(cfg, use_rope, norm_gains, index)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -144,8 +169,9 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         logit_scale: float,
         segments: DocumentSegments | None,
+        cache: KVCache | None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, logit_scale, segments)
+        x = x + self.attn(self.attn_norm(x), rope, logit_scale, segments, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -156,7 +182,9 @@ class Transformer(nn.Module):
         self.config = cfg
         norm_gains = qk_norm_union(cfg.qk_norm, extra_qk_norm)
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std)
-        self.layers = nn.ModuleList(Block(cfg, use_rope, norm_gains) for use_rope in cfg.rope_layers())
+        self.layers = nn.ModuleList(
+            Block(cfg, use_rope, norm_gains, index) for index, use_rope in enumerate(cfg.rope_layers())
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
         if cfg.tie_embeddings:
@@ -170,18 +198,26 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         segments: DocumentSegments | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq). Positions default to 0..seq-1; with packed
-        documents they restart at each document and `segments` keeps attention inside each one."""
+        documents they restart at each document and `segments` keeps attention inside each one.
+
+        With a `cache` the tokens continue the ones it holds (positions go on from there), and only the last
+        position's logits are computed (batch, 1, vocab): what greedy decoding needs."""
+        past = 0 if cache is None else cache.length
+        seq_len = past + input_ids.shape[1]
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        seq_len = input_ids.shape[1]
-        rope = rope_tables(position_ids, self.config.resolved_head_dim, self.config.rope_theta, self.rope_scaling)
+            position_ids = torch.arange(past, seq_len, device=input_ids.device)[None]
+        cfg = self.config
+        rope = rope_tables(position_ids, cfg.resolved_head_dim, cfg.rope_theta, self.rope_scaling, seq_len)
         # DroPE's length-dependent scale (1 up to the training context) times YaRN's temperature when it is in use.
-        logit_scale = self.config.logit_scale_at(seq_len) * logit_factor(self.rope_scaling, seq_len)
+        logit_scale = cfg.logit_scale_at(seq_len) * logit_factor(self.rope_scaling, seq_len)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, logit_scale, segments)
+            x = layer(x, rope, logit_scale, segments, cache)
+        if cache is not None:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
 

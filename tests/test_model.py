@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from nopetrain.config import ModelConfig, register_configs
 from nopetrain.data import batch_from_chunks
 from nopetrain.drope import drop_rope
-from nopetrain.model import Transformer, count_parameters, lm_loss, rope_tables
+from nopetrain.model import KVCache, Transformer, count_parameters, lm_loss, rope_tables
 
 from .helpers import REPO
 
@@ -191,3 +191,21 @@ def test_dormant_qk_norm_gains_change_nothing_until_drope_switches_them_on():
     drop_rope(plain, qk_norm="qk")
     with torch.no_grad():
         torch.testing.assert_close(prepared(tokens), plain(tokens))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"no_rope_layer_interval": 2, "qk_norm": "qk"}, {"sliding_window": 5}, {"num_kv_heads": 1}],
+    ids=["rope", "nope_every_2nd_qk_norm", "window", "mqa"],
+)
+def test_kv_cache_decoding_gives_the_logits_of_full_recomputation(overrides):
+    model = build(tiny(num_layers=3, **overrides))
+    ids = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(len(model.layers))
+    with torch.no_grad():
+        prefill = model(ids[:, :9], cache=cache)
+        assert prefill.shape == (2, 1, 64) and cache.length == 9
+        torch.testing.assert_close(prefill[:, -1], model(ids[:, :9])[:, -1], rtol=1e-5, atol=1e-5)
+        for end in range(10, 15):
+            step = model(ids[:, end - 1 : end], cache=cache)
+            torch.testing.assert_close(step[:, -1], model(ids[:, :end])[:, -1], rtol=1e-5, atol=1e-5)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from nopetrain.data_pipelines.corpus_math import lookup_keys, lookup_line, lookup_question, lookup_value
-from nopetrain.model import Transformer
+from nopetrain.model import KVCache, Transformer
 
 MULTI_QUERY_KEYS = 2
 _VALUE = re.compile(r"(?<!\d)\d{7}(?!\d)")
@@ -117,14 +117,18 @@ def generate_greedy(
     eos_id: int,
     finished: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of equal-length prompts, recomputing the whole sequence each step (no KV cache), cut
-    at the first EOS. Decoding stops early once every row has an EOS or `finished(row, tokens so far)` holds."""
+    """Greedy continuations of equal-length prompts (one pass over the prompts, then one token at a time through a
+    KV cache), cut at the first EOS. Decoding stops early once every row has an EOS or `finished(row, tokens so
+    far)` holds."""
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, dtype=torch.long, device=device)
     start = ids.shape[1]
+    cache = KVCache(len(model.layers))
+    fed = ids
     for _ in range(max_new_tokens):
-        token = model(ids)[:, -1].argmax(-1)
-        ids = torch.cat([ids, token[:, None]], dim=1)
+        token = model(fed, cache=cache)[:, -1].argmax(-1)
+        fed = token[:, None]
+        ids = torch.cat([ids, fed], dim=1)
         outputs = [row[: row.index(eos_id)] if eos_id in row else row for row in ids[:, start:].tolist()]
         if all(len(o) < ids.shape[1] - start or (finished and finished(i, o)) for i, o in enumerate(outputs)):
             break

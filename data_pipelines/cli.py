@@ -1,4 +1,4 @@
-"""`python -m nopetrain.data_pipelines <command>`: train-tokenizer, tokenize, build-default.
+"""`python -m nopetrain.data_pipelines <command>`: train-tokenizer, tokenize, build-default, build-lookup.
 
 A bad input or flag ends the command with one line, `nopetrain-data: error: ...`, and exit status 2, the way
 argparse reports a bad command line.
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .build_default import build_default
+from .corpus_lookup import build_lookup
 from .errors import DataError
 from .tokenize_source import DEFAULT_SHARD_SAMPLES, tokenize
 from .train_tokenizer import DEFAULT_THREADS, MODEL_TYPES, train_tokenizer
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     default.add_argument("--seed", type=int, default=0)
     default.add_argument("--max-mb-per-source", type=float, default=4.0)
     default.add_argument("--workers", type=int, default=cores)
+
+    lookup = commands.add_parser("build-lookup", help="add synthetic look-up documents (source lookup) to a corpus")
+    lookup.add_argument("--corpus", type=Path, required=True, help="a folder written by build-default")
+    lookup.add_argument("--documents", type=int, required=True)
+    lookup.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -84,6 +90,10 @@ def _run(args: argparse.Namespace) -> str:
             f"wrote {args.output / args.name}: {manifest['total_samples']} samples in {len(manifest['shards'])} "
             f"shards from {manifest['documents']} documents ({manifest['dropped_tokens']} tokens dropped)"
         )
+    if args.command == "build-lookup":
+        manifest = build_lookup(args.corpus, args.documents, args.seed)
+        target = args.corpus / "train" / "lookup"
+        return f"wrote {target}: {manifest['documents']} documents, {manifest['total_tokens']} tokens"
     corpus = build_default(args.output, args.seq_len, args.vocab_size, args.seed, args.max_mb_per_source, args.workers)
     tokens = sum(split["tokens"] for source in corpus["sources"].values() for split in source.values())
     return f"wrote {args.output}: {tokens} tokens in {len(corpus['sources'])} sources"

@@ -1,0 +1,170 @@
+"""Experiments: several training arms from one config, trained and then evaluated side by side.
+
+    python -m nopetrain.experiment drope_tiny [key=value ...]      # or a path to an experiment YAML
+
+`configs/experiment/NAME.yaml` (schema: `ExperimentConfig`) names the corpus, the train.py overrides every arm
+shares, the arms with their own overrides, and the evaluation (`nopetrain.eval` keys). The runner builds the corpus
+when it is missing (the default corpus at the experiment's sequence length plus synthetic look-up documents),
+trains the arms `parallel` at a time, each `python train.py` in its own process with its own log, then evaluates all
+of them in one report: OUT/results.md, results.csv and the plots. Training resumes: an arm that already finished is
+only checked (train.py says it has nothing to do), an interrupted one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nopetrain.config import ConfigError
+from nopetrain.data_pipelines.build_default import build_default
+from nopetrain.data_pipelines.corpus_lookup import build_lookup
+from nopetrain.data_pipelines.errors import DataError
+from nopetrain.eval.config import EvalConfig
+from nopetrain.eval.config import validate as validate_eval
+from nopetrain.eval.evaluate import evaluate
+from nopetrain.eval.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "experiment"
+
+
+@dataclass
+class CorpusConfig:
+    # Built with `nopetrain-data build-default` at this sequence length when path/corpus.json is missing.
+    path: str = "???"
+    seq_len: int = 256
+    vocab_size: int = 4096
+    max_mb_per_source: float = 4.0
+    # Synthetic look-up documents (data_pipelines/corpus_lookup.py) added as source `lookup`; 0 for none.
+    lookup_documents: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ArmConfig:
+    # train.py overrides of this arm, applied after the shared ones.
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "???"
+    out: str = "runs/experiments/${name}"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    # train.py overrides every arm shares.
+    train: list[str] = field(default_factory=list)
+    arms: dict[str, ArmConfig] = field(default_factory=dict)
+    # Arms trained at once, each with threads_per_arm CPU threads (OMP_NUM_THREADS).
+    parallel: int = 1
+    threads_per_arm: int = 1
+    # nopetrain.eval keys; the runner fills in `models` (one per arm), the report goes to `out`.
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(out="${out}"))
+
+
+def load_config(name: str, overrides: list[str]) -> ExperimentConfig:
+    """configs/experiment/NAME.yaml (or a YAML file's path) on the schema, then `key=value` overrides; one-line
+    errors name the key."""
+    path = Path(name) if name.endswith(".yaml") else CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"experiment {name!r}: no {path} (known: {known})")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(ExperimentConfig), OmegaConf.load(path), OmegaConf.from_dotlist(overrides)
+        )
+        cfg: ExperimentConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"experiment {name}: {str(err).splitlines()[0]}") from err
+    if not cfg.arms:
+        raise ConfigError(f"experiment {name}: arms is empty")
+    if cfg.parallel < 1 or cfg.threads_per_arm < 1:
+        raise ConfigError(f"parallel={cfg.parallel} and threads_per_arm={cfg.threads_per_arm} must be >= 1")
+    cfg.eval.models = {arm: str(Path(cfg.out) / "arms" / arm) for arm in cfg.arms}
+    validate_eval(cfg.eval)
+    return cfg
+
+
+def build_corpus(corpus: CorpusConfig) -> None:
+    path = Path(corpus.path)
+    if (path / "corpus.json").is_file():
+        return
+    print(f"building the corpus {path} (seq_len {corpus.seq_len})", flush=True)
+    build_default(path, corpus.seq_len, corpus.vocab_size, corpus.seed, corpus.max_mb_per_source, os.cpu_count() or 1)
+    if corpus.lookup_documents:
+        build_lookup(path, corpus.lookup_documents, corpus.seed)
+
+
+def train_arms(cfg: ExperimentConfig) -> None:
+    """Runs train.py for every arm, `parallel` at a time; an arm that fails is named with its log after the arms
+    already running have finished (their checkpoints are kept)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads_per_arm))
+    env.setdefault("WANDB_MODE", "offline")
+    logs = Path(cfg.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = list(cfg.arms.items())
+    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < cfg.parallel:
+            arm, spec = pending.pop(0)
+            run_dir = Path(cfg.out) / "arms" / arm
+            command = [sys.executable, str(REPO / "train.py"), *cfg.train, *spec.overrides]
+            command += [f"run.dir={run_dir}", f"run.name={cfg.name}-{arm}", f"wandb.group={cfg.name}"]
+            log_file = logs / f"{arm}.log"
+            with open(log_file, "a") as handle:
+                running[arm] = (
+                    subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=handle),
+                    log_file,
+                    time.time(),
+                )
+            print(f"training arm {arm}: {' '.join(spec.overrides)} (log {log_file})", flush=True)
+        time.sleep(1)
+        for arm, (process, log_file, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[arm]
+            if process.returncode != 0:
+                failed.append(f"{arm} (exit {process.returncode}, see {log_file})")
+            else:
+                print(f"arm {arm} done in {time.time() - started:.0f} s", flush=True)
+    if failed:
+        raise ConfigError(f"experiment {cfg.name}: training failed for arm(s) {', '.join(failed)}")
+
+
+def run(cfg: ExperimentConfig) -> dict[str, Path]:
+    """Corpus, training, evaluation; returns the report's files."""
+    started = time.time()
+    build_corpus(cfg.corpus)
+    train_arms(cfg)
+    trained = time.time()
+    print(f"trained {len(cfg.arms)} arms in {trained - started:.0f} s; evaluating", flush=True)
+    rows = evaluate(cfg.eval)
+    files = write_report(rows, cfg.out, cfg.eval.wandb)
+    print(f"evaluated in {time.time() - trained:.0f} s; total {time.time() - started:.0f} s", flush=True)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or "=" in args[0]:
+        print("usage: python -m nopetrain.experiment NAME [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        files = run(load_config(args[0], args[1:]))
+    except (ConfigError, DataError) as err:
+        print(f"nopetrain-experiment: error: {err}", file=sys.stderr)
+        return 2
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -248,5 +248,4 @@ def evaluate(cfg: EvalConfig) -> list[Row]:
         loaded = load_model(name, spec, cfg.train_context, device)
         documents = heldout_documents(cfg.heldout, loaded.model.config.vocab_size, sha256_file(loaded.tokenizer_path))
         rows += evaluate_model(loaded, documents, cfg)
-        del loaded
     return rows

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines.encoders import describe, load
 from nopetrain.eval import niah
 from nopetrain.eval.config import EvalConfig, NiahConfig, PerplexityConfig, RopeScalingConfig
@@ -137,6 +138,20 @@ def test_a_copying_model_scores_100_percent_through_the_real_tokenizer(corpus):
             copied = tokenizer.decode(tokenizer.encode([" " + text.answer_text + "\n"])[0])
             assert niah.score(copied, text.answers) == 1.0
             assert niah.score(copied.replace(text.answers[0], "0000000"), text.answers) < 1.0
+
+
+def test_heldout_documents_are_the_raw_documents(corpus):
+    """read_documents undoes the packing: each document decodes to its raw text and ends with EOS; the last one is
+    the start of a document (the packer drops the stream's remainder)."""
+    info = describe(str(corpus / "tokenizer.model"))
+    tokenizer = load(info)
+    for source in ("web", "math"):
+        documents, record = read_documents(str(corpus / "heldout" / source), 1024)
+        raw = [json.loads(line)["text"] for line in (corpus / "raw" / "heldout" / f"{source}.jsonl").open()]
+        assert record["sha256"] == info.sha256 and len(documents) == len(raw) > 1
+        for document, text in zip(documents[:-1], raw, strict=False):
+            assert document[-1] == info.eos_id and tokenizer.decode(document[:-1].tolist()) == text
+        assert raw[-1].startswith(tokenizer.decode(documents[-1].tolist()))
 
 
 def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path, corpus):

@@ -61,6 +61,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _length_axis(axis: Any, lengths: list[int]) -> None:
+    """A log2 x axis labelled with the evaluated lengths themselves."""
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(lengths, [str(length) for length in lengths])
+    axis.minorticks_off()
+    axis.set_xlabel("context length (tokens)")
+
+
 def _png(figure: Any, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -84,7 +92,8 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             points = sorted((r["context_len"], r["value"]) for r in ppl if (r["model"], r["method"]) == (model, method))
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-        axes.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
+        _length_axis(axes, sorted({r["context_len"] for r in ppl}))
+        axes.set_ylabel("perplexity")
         axes.legend(fontsize=7)
         _png(figure, out_dir / "ppl_vs_length.png")
         written.append(out_dir / "ppl_vs_length.png")
@@ -101,7 +110,7 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             )
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-        axes.set(yscale="log", xlabel=f"position (bucket start) at {longest}x", ylabel="perplexity")
+        axes.set(xlabel=f"position (bucket start) at {longest}x", ylabel="perplexity")
         axes.legend(fontsize=7)
         _png(figure, out_dir / "ppl_by_position.png")
         written.append(out_dir / "ppl_by_position.png")
@@ -119,7 +128,8 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 )
                 if points:
                     axis.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-            axis.set(xscale="log", ylim=(-5, 105), title=task, xlabel="context length (tokens)", ylabel="success %")
+            _length_axis(axis, sorted({r["context_len"] for r in niah}))
+            axis.set(ylim=(-5, 105), title=task, ylabel="success %")
         axes[0][0].legend(fontsize=7)
         _png(figure, out_dir / "niah_by_length.png")
         written.append(out_dir / "niah_by_length.png")

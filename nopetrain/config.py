@@ -43,7 +43,7 @@ class ModelConfig:
     qk_norm: str = "none"
     # Sliding-window attention on the RoPE layers only (NoPE layers stay global): RNoPE-SWA is a config.
     sliding_window: int | None = None
-    # Multiplies the softmax logits (beta in DroPE's 1 + c ln(s)); evaluation raises it for long inputs.
+    # Multiplies the softmax logits at every length.
     attn_logit_scale: float = 1.0
     # DroPE's length scaling on top of it: beta = 1 + c ln(s), s = max(1, input length / train_context). c is fitted
     # on held-out perplexity by `python -m nopetrain.eval`; 0 leaves the logits alone at every length.

@@ -42,7 +42,8 @@ class NiahConfig:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     # Needles of the multi-* tasks (the paper: four), at random positions.
     needles: int = 4
-    max_new_tokens: int = 32
+    # Decoding stops after the expected answer's length in tokens + 2, at most this, or once the answer is complete.
+    max_new_tokens: int = 64
     batch_size: int = 8
 
 

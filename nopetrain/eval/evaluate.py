@@ -22,6 +22,8 @@ from nopetrain.eval.rope_scaling import RopeScaling
 log = logging.getLogger("nopetrain.eval")
 
 Row = dict[str, Any]
+# Tokens NIAH decoding may write beyond the length of the expected answer (a leading space, a separator).
+ANSWER_SLACK = 2
 # A NIAH trial: the standard task's needle depth (None for the other tasks), the task's text, the prompt.
 Trial = tuple[float | None, niah.NeedleTask, list[int]]
 
@@ -171,7 +173,10 @@ def niah_scores(
         def finished(row: int, output: list[int], texts: list[niah.NeedleTask] = texts) -> bool:
             return niah.answered(decode(output), len(texts[row].answers))
 
-        outputs = niah.generate_greedy(loaded.model, prompts, cfg.niah.max_new_tokens, loaded.eos_id, finished)
+        # A longer output cannot be an exact answer, and decoding without a KV cache is the cost of NIAH.
+        needed = max(len(tokens) for tokens in loaded.tokenizer.encode([f" {text.answer_text}" for text in texts]))
+        budget = min(cfg.niah.max_new_tokens, needed + ANSWER_SLACK)
+        outputs = niah.generate_greedy(loaded.model, prompts, budget, loaded.eos_id, finished)
         scores += [niah.score(decode(output), text.answers) for text, output in zip(texts, outputs, strict=True)]
     return scores
 
@@ -243,5 +248,4 @@ def evaluate(cfg: EvalConfig) -> list[Row]:
         loaded = load_model(name, spec, cfg.train_context, device)
         documents = heldout_documents(cfg.heldout, loaded.model.config.vocab_size, sha256_file(loaded.tokenizer_path))
         rows += evaluate_model(loaded, documents, cfg)
-        del loaded
     return rows

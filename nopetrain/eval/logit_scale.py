@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nopetrain.config import ConfigError
+from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.eval.perplexity import perplexity
 from nopetrain.model import Transformer
 
@@ -46,9 +46,7 @@ def read(path: Path) -> FittedScale | None:
 
 
 def write(path: Path, scale: FittedScale) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(scale), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_bytes(path, (json.dumps(asdict(scale), indent=2) + "\n").encode())
 
 
 def minimise(objective: Callable[[float], float], low: float, high: float, tolerance: float) -> float:

@@ -32,10 +32,6 @@ class LoadedModel:
     scale_file: Path
 
     @property
-    def all_nope(self) -> bool:
-        return not any(self.model.config.rope_layers())
-
-    @property
     def any_rope(self) -> bool:
         return any(self.model.config.rope_layers())
 

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import Any
 
+from nopetrain.data_pipelines.atomic import write_bytes
+
 COLUMNS = ("model", "method", "context_factor", "context_len", "metric", "task", "depth", "position", "value", "n")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -66,10 +61,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _length_axis(axis: Any, lengths: list[int]) -> None:
+    """A log2 x axis labelled with the evaluated lengths themselves."""
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(lengths, [str(length) for length in lengths])
+    axis.minorticks_off()
+    axis.set_xlabel("context length (tokens)")
+
+
 def _png(figure: Any, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _write_atomic(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -89,7 +92,8 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             points = sorted((r["context_len"], r["value"]) for r in ppl if (r["model"], r["method"]) == (model, method))
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-        axes.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
+        _length_axis(axes, sorted({r["context_len"] for r in ppl}))
+        axes.set_ylabel("perplexity")
         axes.legend(fontsize=7)
         _png(figure, out_dir / "ppl_vs_length.png")
         written.append(out_dir / "ppl_vs_length.png")
@@ -106,7 +110,7 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             )
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-        axes.set(yscale="log", xlabel=f"position (bucket start) at {longest}x", ylabel="perplexity")
+        axes.set(xlabel=f"position (bucket start) at {longest}x", ylabel="perplexity")
         axes.legend(fontsize=7)
         _png(figure, out_dir / "ppl_by_position.png")
         written.append(out_dir / "ppl_by_position.png")
@@ -124,7 +128,8 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 )
                 if points:
                     axis.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-            axis.set(xscale="log", ylim=(-5, 105), title=task, xlabel="context length (tokens)", ylabel="success %")
+            _length_axis(axis, sorted({r["context_len"] for r in niah}))
+            axis.set(ylim=(-5, 105), title=task, ylabel="success %")
         axes[0][0].legend(fontsize=7)
         _png(figure, out_dir / "niah_by_length.png")
         written.append(out_dir / "niah_by_length.png")
@@ -134,7 +139,7 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         panels = [s for s in series if any((r["model"], r["method"]) == s for r in by_depth)]
         depths = sorted({row["depth"] for row in by_depth})
         factors = _factors(by_depth)
-        figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), squeeze=False)
+        figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
         for axis, (model, method) in zip(axes[0], panels, strict=True):
             grid = [[float("nan")] * len(factors) for _ in depths]
             for r in by_depth:
@@ -143,7 +148,8 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             image = axis.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="lower")
             axis.set_xticks(range(len(factors)), [f"{f}x" for f in factors])
             axis.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-            axis.set(title=f"{model} / {method}", xlabel="context", ylabel="needle depth")
+            axis.set(title=f"{model} / {method}", xlabel="context")
+        axes[0][0].set_ylabel("needle depth")
         figure.colorbar(image, ax=axes[0].tolist(), label="standard NIAH success %")
         _png(figure, out_dir / "niah_by_depth.png")
         written.append(out_dir / "niah_by_depth.png")
@@ -177,8 +183,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, wandb_cfg: Any
     `wandb_cfg` (an EvalWandbConfig) is given and not disabled. Returns the files written by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "results.csv", _csv(rows).encode())
-    _write_atomic(out_dir / "results.md", markdown(rows).encode())
+    write_bytes(out_dir / "results.csv", _csv(rows).encode())
+    write_bytes(out_dir / "results.md", markdown(rows).encode())
     images = plots(rows, out_dir)
     if wandb_cfg is not None and wandb_cfg.mode != "disabled":
         log_wandb(rows, images, out_dir, wandb_cfg)

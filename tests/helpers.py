@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nopetrain" / "torch_extensions"))
+    # The Makefile's cache folder for this checkout (keyed by its path), so a bare `pytest` reuses the ops that
+    # `make` built instead of rebuilding them in a folder every checkout shares.
+    checkout_key = hashlib.md5(str(REPO).encode()).hexdigest()[:12]
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nopetrain" / "torch_extensions" / checkout_key)
+    )
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     return env
 

@@ -20,8 +20,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The trainer's exit code after a signal-triggered checkpoint: "try again later" (EX_TEMPFAIL).
-REQUEUE_EXIT_CODE = 75
+from nopetrain.preemption import PREEMPTED_EXIT_CODE
+from nopetrain.slurm import PORT_BASE, PORT_SPAN
+
 MODES = ("torchrun", "task-per-gpu")
 # SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
@@ -130,16 +131,8 @@ def _directives(job: SlurmJob) -> list[str]:
     return [f"#SBATCH {line}" for line in lines]
 
 
-class Expand(str):
-    """A command word the batch shell expands ($SLURM_... variables): written double-quoted, not single-quoted."""
-
-
-def _shell_word(word: str) -> str:
-    return f'"{word}"' if isinstance(word, Expand) else shlex.quote(word)
-
-
 def srun_command(job: SlurmJob) -> list[str]:
-    """srun and its options: every rank (task-per-gpu) or one torchrun agent per node (torchrun)."""
+    """srun and its options: one task per rank (task-per-gpu) or per node (torchrun)."""
     srun = ["srun", "--label"]
     if job.mode == "task-per-gpu":
         # A rank that dies leaves the others waiting in a collective: end the whole step.
@@ -151,8 +144,13 @@ def srun_command(job: SlurmJob) -> list[str]:
     return srun
 
 
+class Expand(str):
+    """A command word the batch shell expands ($SLURM_... variables): written double-quoted, not single-quoted."""
+
+
 def task_command(job: SlurmJob) -> list[str]:
-    """What each srun task runs: train.py (task-per-gpu) or torchrun with c10d rendezvous on $MASTER_ADDR."""
+    """What each srun task runs: train.py (task-per-gpu), or torchrun, whose agents meet on the job's first node
+    (torchrun)."""
     train = ["train.py", f"run.dir={job.run_dir}", *job.overrides]
     if job.mode == "task-per-gpu":
         return [job.python, *train]
@@ -166,24 +164,22 @@ def task_command(job: SlurmJob) -> list[str]:
         Expand("--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT"),
         Expand("--rdzv_id=$SLURM_JOB_ID"),
         "--max_restarts=0",
-        # Each worker's stdout/stderr in its own file (tracebacks included), and a copy in the job log.
-        f"--log-dir={job.run_dir}/logs/torchrun",
-        "--tee=3",
+        # The agent forwards only these signals to its workers (this flag overrides TORCHELASTIC_SIGNALS_TO_HANDLE),
+        # then kills workers still running after the timeout: the whole grace period, not torchrun's 30 s.
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown-timeout={job.signal_grace}",
     ]
     return [*torchrun, *train]
 
 
 def shell_command(words: list[str]) -> str:
     """`words` as one shell command, an argument per line."""
-    return " \\\n    ".join(_shell_word(word) for word in words)
+    return " \\\n    ".join(f'"{word}"' if isinstance(word, Expand) else shlex.quote(word) for word in words)
 
 
 def render(job: SlurmJob, command_line: str) -> str:
     """The sbatch file's text."""
     env = [f"export {name}={shlex.quote(value)}" for name, value in job.env.items()]
-    if job.mode == "torchrun":
-        # torchrun's agent forwards only these signals to its workers (then SIGKILLs them 30 s later).
-        env.append("export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     step = shell_command([*srun_command(job), *task_command(job)])
     return TEMPLATE.format(
         command_line=command_line,
@@ -192,7 +188,9 @@ def render(job: SlurmJob, command_line: str) -> str:
         env="\n".join(env),
         run_dir=shlex.quote(job.run_dir),
         step=step,
-        requeue_code=REQUEUE_EXIT_CODE,
+        requeue_code=PREEMPTED_EXIT_CODE,
+        port_base=PORT_BASE,
+        port_span=PORT_SPAN,
     )
 
 
@@ -204,13 +202,13 @@ TEMPLATE = """\
 {nccl_notes}
 
 set -uo pipefail
-{env}
 # One process per CPU the task was given, unless set already.
 export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}}"
 # Rendezvous on the job's first node; the port follows the job id so two jobs sharing a node do not collide.
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+MASTER_PORT=$(({port_base} + SLURM_JOB_ID % {port_span}))
 export MASTER_ADDR MASTER_PORT
+{env}
 RUN_DIR={run_dir}
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST"
 echo "rendezvous $MASTER_ADDR:$MASTER_PORT"

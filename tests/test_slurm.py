@@ -4,6 +4,7 @@ run, in both launch modes."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -35,18 +36,30 @@ TRAIN = [
 CPU_JOB = ["--gpus-per-node=0", "--procs-per-node=2", "--time=10", "--signal-grace=60", f"--workdir={REPO}"]
 
 
-def generate(tmp: Path, name: str, *options: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The generator's CLI, as a user runs it; the file goes to tmp/NAME.sbatch, logs and the run dir under tmp."""
-    cmd = [sys.executable, "-m", "nopetrain.launch.slurm", f"--job-name={name}", f"--log-dir={tmp}"]
-    cmd += [f"--run-dir={tmp / name}", f"--output={tmp / name}.sbatch", *options]
-    return subprocess.run(cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=60)
+def generator_args(tmp: Path, name: str, *options: str) -> list[str]:
+    """The generator's options for a job NAME whose file, logs and run dir go under tmp."""
+    return [
+        f"--job-name={name}",
+        f"--log-dir={tmp}",
+        f"--run-dir={tmp / name}",
+        f"--output={tmp / name}.sbatch",
+        *options,
+    ]
 
 
-def test_generated_file_has_the_directives_and_quotes_the_overrides(tmp_path):
+def generate(capsys, tmp: Path, name: str, *options: str) -> tuple[int, str]:
+    """Runs the generator in this process (its CLI is run for real by the cluster tests): exit code and stderr."""
+    code = slurm.main(generator_args(tmp, name, *options))
+    return code, capsys.readouterr().err
+
+
+def test_generated_file_has_the_directives_and_quotes_the_overrides(capsys, tmp_path):
     options = ["--nodes=2", "--gpus-per-node=8", "--partition=gpu", "--mode=torchrun", "--time=1-00:00:00"]
     options += ["--signal-grace=300", "--container-image=nvcr.io#org/nopetrain:1", "--env=NCCL_DEBUG=WARN"]
-    proc = generate(tmp_path, "gen", *options, "--", "model=smollm_360m", "wandb.tags=[a b]", "run.name=$HOME")
-    assert proc.returncode == 0, proc.stderr
+    code, err = generate(
+        capsys, tmp_path, "gen", *options, "--", "model=smollm_360m", "wandb.tags=[a b]", "run.name=$HOME"
+    )
+    assert code == 0, err
     text = (tmp_path / "gen.sbatch").read_text()
     for directive in ("--job-name=gen", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu",
                       "--time=1-00:00:00", "--requeue", "--signal=B:USR1@300", "--open-mode=append",
@@ -54,8 +67,8 @@ def test_generated_file_has_the_directives_and_quotes_the_overrides(tmp_path):
         assert f"\n#SBATCH {directive}\n" in text, directive
     assert "'wandb.tags=[a b]'" in text and "'run.name=$HOME'" in text  # literal, not expanded by the job's shell
     assert "'--container-image=nvcr.io#org/nopetrain:1'" in text and "export NCCL_DEBUG=WARN" in text
-    assert "TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in text
     assert '"--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT"' in text and "--nproc_per_node=8" in text
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in text and "--shutdown-timeout=300" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in text
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
@@ -78,10 +91,10 @@ def test_generated_file_has_the_directives_and_quotes_the_overrides(tmp_path):
         (["--", "run.dir=/elsewhere"], "--run-dir"),
     ],
 )
-def test_bad_options_fail_with_one_line_and_write_nothing(tmp_path, options, message):
-    proc = generate(tmp_path, "bad", *options)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+def test_bad_options_fail_with_one_line_and_write_nothing(capsys, tmp_path, options, message):
+    code, err = generate(capsys, tmp_path, "bad", *options)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "bad.sbatch").exists()
 
 
@@ -103,7 +116,11 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster: SlurmCluster, tmp: Path, name: str, *options: str) -> str:
-    proc = generate(tmp, name, *CPU_JOB, *options, "--submit", "--", *TRAIN, env={**subprocess_env(), **cluster.env})
+    """Writes and submits the job with the generator's CLI, as a user does; returns the job id."""
+    cmd = [sys.executable, "-m", "nopetrain.launch.slurm", *generator_args(tmp, name, *CPU_JOB, *options)]
+    cmd += ["--submit", "--", *TRAIN]
+    env = {**subprocess_env(), **cluster.env}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
@@ -150,19 +167,34 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster, uninter
     assert "SIGUSR1, asking the ranks to checkpoint" in log and "requeueing" in log, log
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert len(saved) >= 2, saved  # the signal's checkpoint mid-run and the final one
-    assert losses(run_dir) == losses(uninterrupted)
+    resumed, straight = losses(run_dir), losses(uninterrupted)
+    assert sorted(resumed) == sorted(straight)
+    # Two launches of the same run agree to float rounding (gloo's reduction order), as in tests/test_trainer.py.
+    for step, loss in straight.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
 
 
 def test_generated_task_command_trains_outside_slurm(tmp_path):
-    """Where no SLURM can run, the command the job's task runs (torchrun mode) still runs for real, with the
-    variables SLURM and the batch script would set."""
+    """Where no SLURM can run, the command each task of a task-per-gpu job runs still trains for real: two
+    processes with the variables srun and the batch script would give them."""
     reason = unavailable_reason()
     if reason is None:
         pytest.skip("a real SLURM cluster runs the generated file in the tests above")
-    job = slurm.job_from_args(slurm.parse_args([*CPU_JOB, "--mode=torchrun", f"--run-dir={tmp_path}", "--", *TRAIN]))
-    env = {**subprocess_env(), "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1"}
-    env["MASTER_PORT"] = str(29400 + int(time.time()) % 500)
-    cmd = slurm.shell_command(slurm.task_command(job))
-    proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = slurm.parse_args([*CPU_JOB, "--mode=task-per-gpu", f"--run-dir={tmp_path}", "--", *TRAIN])
+    command = slurm.shell_command(slurm.task_command(slurm.job_from_args(args)))
+    job_env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}
+    job_env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500)}
+    tasks = [
+        subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=REPO,
+            env={**subprocess_env(), **job_env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errors = [task.communicate(timeout=300)[1] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], errors[0][-3000:]
     assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))

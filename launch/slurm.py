@@ -185,7 +185,7 @@ def render(job: SlurmJob, command_line: str) -> str:
         command_line=command_line,
         directives="\n".join(_directives(job)),
         nccl_notes=NCCL_NOTES,
-        env="\n".join(env),
+        env="".join(f"{line}\n" for line in env),
         run_dir=shlex.quote(job.run_dir),
         step=step,
         requeue_code=PREEMPTED_EXIT_CODE,
@@ -208,8 +208,7 @@ export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}}"
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 MASTER_PORT=$(({port_base} + SLURM_JOB_ID % {port_span}))
 export MASTER_ADDR MASTER_PORT
-{env}
-RUN_DIR={run_dir}
+{env}RUN_DIR={run_dir}
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST"
 echo "rendezvous $MASTER_ADDR:$MASTER_PORT"
 echo "run dir $RUN_DIR; per-rank logs in $RUN_DIR/logs/"

@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/nopetrain/torch_extensions/$(shell
 export WANDB_MODE ?= offline
 RUN ?= demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: train test lint install clean
+.PHONY: train test lint install slurm-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+# A real one-node SLURM for tests/test_slurm.py (Debian, as root; the tests skip without it).
+slurm-deps:
+	apt-get update
+	apt-get install -y slurmctld slurmd slurm-client munge
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nopetrain.config import ConfigError, register_configs
 from nopetrain.data.streaming import DataError
+from nopetrain.preemption import PREEMPTED_EXIT_CODE, Preempted
 from nopetrain.trainer import NonFiniteLossError, train
 
 register_configs()
@@ -19,6 +20,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, DataError, NonFiniteLossError) as err:
         print(f"nopetrain: error: {err}", file=sys.stderr)
         sys.exit(3 if isinstance(err, NonFiniteLossError) else 2)
+    except Preempted:
+        # Checkpointed and logged by the trainer; the job script requeues on this code.
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from nopetrain.config import TrainConfig
 from nopetrain.model import Transformer
 from nopetrain.optim import param_groups
+from nopetrain.slurm import rank_env_from_slurm
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,17 @@ def _free_port() -> int:
 
 
 def init_distributed() -> DistEnv:
-    """Joins the process group torchrun describes in the environment, or makes a group of one."""
+    """Joins the process group torchrun (or SLURM, one task per GPU) describes in the environment, or makes a group
+    of one."""
+    os.environ.update(rank_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # SLURM may bind each task to its own GPU (--gpus-per-task): then it sees one device, whatever its rank.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():

@@ -34,6 +34,7 @@ from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops
 from nopetrain.model import count_parameters, lm_loss
 from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
+from nopetrain.preemption import Preempted, PreemptionWatch
 
 log = logging.getLogger("nopetrain")
 
@@ -111,10 +112,16 @@ def switch_to_nope(engine: Any, qk_norm: str) -> None:
 
 class Trainer:
     def __init__(
-        self, cfg: TrainConfig, env: DistEnv, plan: Plan, pretrained: dict[str, Any] | None, resize: bool
+        self,
+        cfg: TrainConfig,
+        env: DistEnv,
+        plan: Plan,
+        pretrained: dict[str, Any] | None,
+        resize: bool,
+        watch: PreemptionWatch,
     ) -> None:
         """`resize`: the run resumes from a checkpoint written by another number of processes."""
-        self.cfg, self.env, self.plan = cfg, env, plan
+        self.cfg, self.env, self.plan, self.watch = cfg, env, plan, watch
         self.run_dir = Path(cfg.run.dir)
         extra_qk_norm = cfg.curriculum.drope.qk_norm if plan.drope_step is not None else "none"
         self.engine = build_engine(cfg, env, extra_qk_norm, pretrained, load_universal=resize)
@@ -193,7 +200,7 @@ class Trainer:
             f"optimizer {'reset' if drope.reset_optimizer else 'kept'}",
         )
 
-    def save(self) -> None:
+    def save(self) -> Path:
         trainer_state = {
             **self.state,
             "world_size": self.env.world_size,
@@ -208,6 +215,7 @@ class Trainer:
             self.engine, self.run_dir, self.state["step"], trainer_state, rank_state, self.cfg.checkpoint.keep
         )
         self.metrics.event(f"checkpoint saved: {path}")
+        return path
 
     def run(self) -> dict[str, Any]:
         cfg, env, engine, state = self.cfg, self.env, self.engine, self.state
@@ -249,6 +257,7 @@ class Trainer:
         skipped_seen, consecutive_skipped = engine.skipped_steps, 0
         interval_start = time.perf_counter()
         while state["step"] < last_step:
+            self.watch.start_step()
             step = state["step"]
             if self.phase is None or step >= self.phase.end:
                 self.enter_phase(plan.phase_at(step))
@@ -322,8 +331,14 @@ class Trainer:
                 micro_batches = interval_tokens = interval_flops = 0
                 interval_start = time.perf_counter()
 
-            if (state["step"] % cfg.checkpoint.every == 0 or done) and not skipped:
-                self.save()
+            # Waits for the vote started at the top of the step (long complete by now): no host sync of the device.
+            preempted = self.watch.signalled() and not done
+            if ((state["step"] % cfg.checkpoint.every == 0 or done) and not skipped) or preempted:
+                saved_to = self.save()
+            if preempted:
+                stop = Preempted(state["step"], str(saved_to), self.watch.signal_name())
+                log.info("%s; exiting for requeue", stop)
+                raise stop
 
 
 def pretrained_model(cfg: TrainConfig) -> str | None:
@@ -339,7 +354,20 @@ def pretrained_model(cfg: TrainConfig) -> str | None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) training as configured; returns the final trainer state."""
+    """Runs (or resumes) training as configured; returns the final trainer state. Raises Preempted after
+    checkpointing when a preemption signal arrived (see nopetrain/preemption.py)."""
+    # First, so that a signal during start-up is not lost and the data loaders' workers inherit the handler.
+    watch = PreemptionWatch()
+    try:
+        return _train(cfg, watch)
+    except Preempted:
+        watch.hand_over()
+        raise
+    finally:
+        watch.uninstall()
+
+
+def _train(cfg: TrainConfig, watch: PreemptionWatch) -> dict[str, Any]:
     env = init_distributed()
     hf_folder = pretrained_model(cfg)
     validate(cfg, env.world_size)
@@ -352,7 +380,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if pretrained is not None:
         log.info("initialised from %s", hf_folder)
     resize = resume_from is not None and checkpoint.read_trainer_state(resume_from)["world_size"] != env.world_size
-    trainer = Trainer(cfg, env, plan, pretrained, resize)
+    trainer = Trainer(cfg, env, plan, pretrained, resize, watch)
     if resume_from is not None:
         trainer.resume(resume_from)
     return trainer.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,26 @@ def corpus_overrides(corpus: Path) -> list[str]:
     return ["data=default", "seq_len=64", "model.vocab_size=1024"] + [
         f"data.sources.{name}.path={corpus}/train/{name}" for name in ("web", "code", "math")
     ]
+
+
+def wandb_runs(run_dir: Path) -> list:
+    """The run records (id, group, name) of every offline W&B run under run_dir/wandb, read from their .wandb files
+    (a LevelDB-style log of protobuf records: 32 KiB blocks, 7-byte chunk headers, after a 7-byte file header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, block, pending = path.read_bytes(), 7, 32768, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:
+                pos += block - pos % block
+                continue
+            length, kind = struct.unpack_from("<HB", data, pos + 4)
+            pending += data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a whole record, or the last chunk of one
+                record = wandb_internal_pb2.Record.FromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "run":
+                    found.append(record.run)
+    return found

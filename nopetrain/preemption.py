@@ -1,0 +1,81 @@
+"""Preemption: the scheduler sends a signal some time before it kills the job; the trainer finishes the current
+optimizer step, writes a checkpoint and exits with PREEMPTED_EXIT_CODE, and the job script requeues the job.
+
+The signal handler only records the signal (async-signal-safe). Ranks agree on it without a device sync: each step
+starts an async all-reduce (MAX) of a CPU int tensor on a side gloo group and waits for it after the optimizer step,
+by which time it has long completed, so the agreement costs no GPU host sync and no wait in the common case.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# EX_TEMPFAIL (sysexits.h): "try again later", the job script's cue to requeue.
+PREEMPTED_EXIT_CODE = 75
+# SLURM's `--signal=USR1@<seconds>` (sbatch) and SIGTERM (scancel, preemption, torchrun's agent); SIGUSR2 is what
+# submitit (hydra/launcher=slurm) asks SLURM for.
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """The run checkpointed at `step` after a preemption signal and should exit with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int, checkpoint: str, signal_name: str) -> None:
+        super().__init__(f"preempted by {signal_name}: checkpoint of step {step} saved to {checkpoint}")
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+
+
+class PreemptionWatch:
+    """Records preemption signals from the moment it is installed; `start_step` / `signalled` agree across ranks.
+
+    Install it before the data loaders fork their workers: they inherit the handler, so a signal sent to the whole
+    process group (torchrun's agent does that) does not kill them. A handler that was installed before this one
+    (submitit's requeue handler) is handed the signal after the checkpoint: see `hand_over`."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {sig: signal.signal(sig, self._record) for sig in PREEMPTION_SIGNALS}
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._group: dist.ProcessGroup | None = None
+        self._pending: dist.Work | None = None
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        # A second signal (e.g. during the save) changes nothing: the checkpoint in progress completes.
+        if self.received is None:
+            self.received = signum
+
+    def start_step(self) -> None:
+        """Starts this rank's vote for the step; call at its top, on every rank."""
+        if self._group is None:
+            # Separate from the default group so that it never orders itself among DeepSpeed's collectives.
+            self._group = dist.new_group(backend="gloo")
+        self._flag.fill_(int(self.received is not None))
+        self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+
+    def signalled(self) -> bool:
+        """Whether any rank had received a preemption signal when the step started; call after its optimizer step."""
+        self._pending.wait()
+        self._pending = None
+        return bool(self._flag.item())
+
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "another rank's signal"
+
+    def hand_over(self) -> None:
+        """Calls the handler that was in place before ours for the received signal, if it was a Python function
+        (submitit's requeues the job and exits); SIG_DFL / SIG_IGN are left alone, the caller exits."""
+        previous = self.previous.get(self.received) if self.received is not None else None
+        if callable(previous):
+            previous(self.received, None)
+
+    def uninstall(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -3,11 +3,14 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nopetrain.config import ConfigError, register_configs
 from nopetrain.data.streaming import DataError
 from nopetrain.preemption import PREEMPTED_EXIT_CODE, Preempted
+from nopetrain.sweep import sweep_member
 from nopetrain.trainer import NonFiniteLossError, train
 
 register_configs()
@@ -15,8 +18,12 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    train_cfg = OmegaConf.to_object(cfg)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        train_cfg = sweep_member(train_cfg, hydra_cfg.job.num)
     try:
-        train(OmegaConf.to_object(cfg))
+        train(train_cfg)
     except (ConfigError, DataError, NonFiniteLossError) as err:
         print(f"nopetrain: error: {err}", file=sys.stderr)
         sys.exit(3 if isinstance(err, NonFiniteLossError) else 2)

@@ -12,6 +12,7 @@ only checked (train.py says it has nothing to do), an interrupted one continues 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The evaluation reports each model x method x length as it finishes (logger nopetrain.eval).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     args = sys.argv[1:] if argv is None else argv
     if not args or "=" in args[0]:
         print("usage: python -m nopetrain.experiment NAME [key=value ...]", file=sys.stderr)

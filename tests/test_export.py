@@ -14,7 +14,7 @@ import torch
 
 from nopetrain.config import ModelConfig
 from nopetrain.export import main
-from nopetrain.model import Transformer
+from nopetrain.model import KVCache, Transformer
 from tests.helpers import REPO, build_corpus, corpus_overrides, run_train, subprocess_env
 
 transformers = pytest.importorskip("transformers")
@@ -119,13 +119,21 @@ def assert_other_logits(hf: torch.nn.Module, ours: Transformer) -> None:
 
 def assert_same_generation(hf: torch.nn.Module, ours: Transformer) -> None:
     """Greedy decoding through transformers' KV cache (windowed layers keep only the window) picks the tokens our
-    model picks from full recomputation."""
+    model picks from full recomputation, with the logits of our own KV-cache decoding at every step. The prompt (6
+    tokens) and the 10 generated ones run to twice a training context of 8: past it a logit scale acts, and cached
+    positions keep the scale of the length they were fed at, so there only the cached logits can match exactly."""
     ids = torch.randint(0, ours.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
-    expected = ids
     with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        recomputed = ids
         for _ in range(10):
-            expected = torch.cat([expected, ours(expected)[:, -1:].argmax(-1)], dim=1)
-    assert hf.generate(ids, max_new_tokens=10, do_sample=False).tolist() == expected.tolist()
+            recomputed = torch.cat([recomputed, ours(recomputed)[:, -1:].argmax(-1)], dim=1)
+        cache = KVCache(len(ours.layers))
+        cached_logits = [ours(ids, cache=cache)[:, -1]]
+        for token in out.sequences[:, ids.shape[1] : -1].unbind(1):
+            cached_logits.append(ours(token[:, None], cache=cache)[:, -1])
+    assert out.sequences.tolist() == recomputed.tolist()
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(cached_logits).float(), atol=1e-5, rtol=0)
 
 
 def test_nope_cadence_exports_as_plain_smollm3(nope_checkpoint, tmp_path):
@@ -190,6 +198,7 @@ def test_drope_checkpoints_before_and_after_the_switch(drope_run, tmp_path):
     ] * 4
     ours = our_model(after)
     assert_same_logits(hf, ours)
+    assert_same_generation(hf, ours)
     ours.layers[0].attn.qk_norm = "none"
     assert_other_logits(hf, ours)
 
@@ -204,6 +213,7 @@ def test_drope_checkpoints_before_and_after_the_switch(drope_run, tmp_path):
     assert_other_logits(hf, ours)
     ours.config.logit_scale_coef, ours.config.train_context = 0.4, 8
     assert_same_logits(hf, ours)
+    assert_same_generation(hf, ours)
 
 
 def test_zero3_two_process_checkpoint(zero3_checkpoint, tmp_path):
@@ -215,6 +225,7 @@ def test_zero3_two_process_checkpoint(zero3_checkpoint, tmp_path):
     hf = load_hf(tmp_path / "hf")
     ours = our_model(zero3_checkpoint)
     assert_same_logits(hf, ours)
+    assert_same_generation(hf, ours)
     ours.layers[0].attn.sliding_window = None
     assert_other_logits(hf, ours)
 

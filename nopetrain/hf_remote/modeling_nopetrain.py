@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import transformers
 from transformers import SmolLM3ForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -22,6 +23,20 @@ from transformers.models.smollm3.modeling_smollm3 import (
 )
 
 from .configuration_nopetrain import NopetrainConfig
+
+
+def kv_cache(kwargs: dict) -> Cache | None:
+    """Pops the KV cache from the attention's keyword arguments: transformers 5.24 renamed `past_key_values` to
+    `cache`. A forward that asks for caching but finds neither fails loudly; ignoring the cache would decode each
+    token without the ones before it."""
+    cache, legacy = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    cache = legacy if cache is None else cache
+    if cache is None and kwargs.get("use_cache"):
+        raise RuntimeError(
+            f"transformers {transformers.__version__} passed no KV cache to the attention (neither `cache` nor "
+            "`past_key_values`); this modeling code knows transformers 5.23-5.24 (see requirements-lock.txt)"
+        )
+    return cache
 
 
 class NopetrainAttention(SmolLM3Attention):
@@ -42,9 +57,9 @@ class NopetrainAttention(SmolLM3Attention):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = kv_cache(kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape)
@@ -61,14 +76,14 @@ class NopetrainAttention(SmolLM3Attention):
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         logit_scale = self.logit_scale
         if self.logit_scale_coef:
-            cached = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+            cached = int(cache.get_seq_length(self.layer_idx)) if cache is not None else 0
             length = cached + query_states.shape[-2]
             logit_scale *= 1.0 + self.logit_scale_coef * math.log(max(1.0, length / self.train_context))
         if logit_scale != 1.0:
             query_states = query_states * logit_scale
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -24,17 +24,21 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-dev python3-venv git ninja-build libaio-dev \
     && rm -rf /var/lib/apt/lists/*
 
-RUN python3 -m venv "$VIRTUAL_ENV" && pip install pip==26.3 setuptools==84.2.1 wheel==0.48.0 \
-    && pip install torch==2.13.0
+# Every version comes from requirements-lock.txt, the environment the test suite passed on (as `make` installs it).
+WORKDIR /workspace
+COPY requirements-lock.txt ./
+ENV PIP_CONSTRAINT=/workspace/requirements-lock.txt
+# DL3013 (pin versions in pip): PIP_CONSTRAINT pins every package installed here and below.
+# hadolint ignore=DL3013
+RUN python3 -m venv "$VIRTUAL_ENV" && pip install pip setuptools wheel && pip install torch
 
-# DeepSpeed (the version the tests run) with fused Adam, CPU Adam (ZeRO-Offload) and async I/O built ahead of time;
-# flash-attn compiled against this torch. With DS_BUILD_*=1 the install fails if an op does not compile; ds_report
-# lists them in the build log.
-RUN DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_AIO=1 pip install deepspeed==0.19.8 \
-    && pip install flash-attn==2.8.3.post2 --no-build-isolation \
+# DeepSpeed with fused Adam, CPU Adam (ZeRO-Offload) and async I/O built ahead of time; flash-attn compiled against
+# this torch. With DS_BUILD_*=1 the install fails if an op does not compile; ds_report lists them in the build log.
+# hadolint ignore=DL3013
+RUN DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_AIO=1 pip install deepspeed \
+    && pip install flash-attn --no-build-isolation \
     && ds_report
 
-WORKDIR /workspace
 COPY pyproject.toml README.md ./
 COPY nopetrain ./nopetrain
 COPY kernels ./kernels

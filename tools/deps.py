@@ -8,8 +8,8 @@ pinned), so a fresh machine gets the program CI saw. `lock` and `latest` are the
 which packages moved and which failing tests each one breaks (it puts each moved package back to its locked version
 alone and reruns the failures); `lock` then records the new environment once `make test` passes on it.
 
-torch stays at the Makefile's pin in both: the CPU and CUDA builds share that version, and a newer torch from the
-registry would be the multi-GB CUDA build. Uses only the standard library, so it runs before any venv exists.
+torch stays at its pin in both (with the triton its CUDA build requires): the CPU and CUDA builds share that version,
+and a newer torch from the registry would be the multi-GB CUDA build. Uses only the standard library, so it runs before any venv exists.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements-lock.txt"
 TORCH = "torch==2.13.0"
+# The CUDA build of that torch requires exactly this triton (the CPU build requires none, so the resolver here would
+# pick the newest and the GPU install from the lock would then be impossible). Read from the CUDA wheel's metadata.
+TORCH_CUDA_PINS = ["triton==3.7.1"]
 EXTRAS = ".[dev,slurm]"
 # Pinned for the GPU image (Dockerfile) but not resolvable on the CPU machines that write the lock.
 GPU_ONLY_PINS = ["flash-attn==2.8.3.post2"]
@@ -65,7 +68,8 @@ def make_venv(venv: Path, hold: list[str] = ()) -> Path:
     run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools", "wheel"])
     run([str(python), "-m", "pip", "install", "-q", TORCH])
     upgrade = ["--upgrade", "--upgrade-strategy", "eager"]
-    run([str(python), "-m", "pip", "install", "-q", *upgrade, TORCH, *hold, "-e", EXTRAS], cwd=REPO)
+    pins = [TORCH, *TORCH_CUDA_PINS, *hold]
+    run([str(python), "-m", "pip", "install", "-q", *upgrade, *pins, "-e", EXTRAS], cwd=REPO)
     run([str(python), "-m", "pip", "check"])
     return python
 

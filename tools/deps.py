@@ -9,7 +9,7 @@ which packages moved and which failing tests each one breaks (it puts each moved
 alone and reruns the failures); `lock` then records the new environment once `make test` passes on it.
 
 torch stays at its pin in both (with the triton its CUDA build requires): the CPU and CUDA builds share that version,
-and a newer torch from the registry would be the multi-GB CUDA build. Uses only the standard library, so it runs before any venv exists.
+and a newer torch from the registry would be the multi-GB CUDA build. Standard library only: it runs before any venv.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,20 +92,14 @@ def lock(args: argparse.Namespace) -> int:
 
 
 def failing_tests(python: Path, pytest_args: list[str], env: dict[str, str]) -> list[str] | None:
-    """Node ids of the tests that failed or errored (None when pytest could not run at all)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "junit.xml"
-        cmd = [str(python), "-m", "pytest", "-q", f"--junitxml={report}", *pytest_args]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=REPO, env=env)
-        if not report.exists():
-            return None
-        failed = []
-        for case in ElementTree.parse(report).iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                path = case.get("classname", "").replace(".", "/")
-                failed.append(f"{path}.py::{case.get('name')}")
-        return failed
+    """Node ids of the tests that failed or errored, from pytest's short summary (None when no test ran)."""
+    cmd = [str(python), "-m", "pytest", "-q", "-rfE", *pytest_args]
+    print("+", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    print(proc.stdout, end="", flush=True)
+    if proc.returncode not in (0, 1):  # 2: interrupted or usage error, 5: no tests collected
+        return None
+    return list(dict.fromkeys(re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.MULTILINE)))
 
 
 def latest(args: argparse.Namespace) -> int:
@@ -129,7 +122,7 @@ def latest(args: argparse.Namespace) -> int:
     if not failed:
         print(f"\nall selected tests pass on the newest versions: `make lock` records them ({len(moved)} moved)")
         return 0
-    print(f"\n{len(failed)} tests fail on the newest versions; putting each moved package back alone:")
+    print(f"\n{len(failed)} failing on the newest versions; putting each moved package back alone:")
     culprits = {}
     for name, (old, new) in sorted(moved.items()):
         if old is None or name in ("pip", "setuptools", "wheel"):
@@ -137,7 +130,7 @@ def latest(args: argparse.Namespace) -> int:
         run([str(python), "-m", "pip", "install", "-q", "--no-deps", f"{name}=={old}"])
         still = failing_tests(python, failed, env)
         run([str(python), "-m", "pip", "install", "-q", "--no-deps", f"{name}=={new}"])
-        fixed = sorted(set(failed) - set(still or failed))
+        fixed = sorted(set(failed) - set(failed if still is None else still))
         if fixed:
             culprits[name] = (old, new, fixed)
     print("\nWhat broke what:")

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES)
     tok.add_argument("--text-field", default="text", help="JSONL field or Parquet column of the text")
     tok.add_argument("--eos-token", help="the end-of-document token, if the tokenizer does not declare one")
+    tok.add_argument(
+        "--whole-documents",
+        action="store_true",
+        help="never split a document that fits in one sample: pad the rest of a sample instead (e.g. look-ups)",
+    )
 
     default = commands.add_parser("build-default", help="build the embedded default corpus (web, code, math)")
     default.add_argument("--output", type=Path, required=True)
@@ -85,6 +90,7 @@ def _run(args: argparse.Namespace) -> str:
             args.shard_samples,
             args.text_field,
             args.eos_token,
+            args.whole_documents,
         )
         return (
             f"wrote {args.output / args.name}: {manifest['total_samples']} samples in {len(manifest['shards'])} "

@@ -55,7 +55,8 @@ def lookup_line(key: str, value: str) -> str:
 
 
 def lookup_question(key: str) -> str:
-    return f'Question: what is the value of the key "{key}"?\nAnswer:'
+    # The key unquoted, as in the needle line: a quote before it would tokenize its first word differently.
+    return f"Question: what is the value of the key {key}?\nAnswer:"
 
 
 def kv_lookup(rng: random.Random, num_pairs: int) -> tuple[str, str]:

@@ -2,7 +2,9 @@
 
 Each document's tokens are followed by EOS and the documents are concatenated, in input order, into one stream
 that is cut into samples of exactly seq_len + 1 tokens (inputs and their shifted labels); the last partial sample
-is dropped and counted. The layout is a contract that the streaming loader reads:
+is dropped and counted. A source whose documents must be seen whole (`whole_documents`, e.g. look-ups whose
+question needs its needles) pads a sample rather than split a document across two. The layout is a contract that
+the streaming loader reads:
 
     DIR/SOURCE/manifest.json
     DIR/SOURCE/SOURCE-000000.tar, SOURCE-000001.tar, ...
@@ -115,15 +117,17 @@ def tokenize(
     shard_samples: int = DEFAULT_SHARD_SAMPLES,
     text_field: str = "text",
     eos_token: str | None = None,
+    whole_documents: bool = False,
 ) -> dict[str, object]:
-    """Tokenizes `inputs` into `output/name/` and returns the manifest it wrote there."""
+    """Tokenizes `inputs` into `output/name/` and returns the manifest it wrote there. With `whole_documents`, no
+    document that fits in one sample is split across two (the rest of a sample is padded, see packing.Packer)."""
     _check_flags(name, seq_len, workers, shard_samples)
     files = resolve_inputs(inputs)
     info = describe(tokenizer, eos_token)
     dtype = np.dtype(np.uint16 if info.vocab_size <= 1 << 16 else np.uint32)
     documents = chain.from_iterable(iter_documents(path, text_field) for path in files)
     with staged_directory(Path(output) / name) as staging:
-        packer = Packer(seq_len + 1)
+        packer = Packer(seq_len + 1, info.eos_id if whole_documents else None)
         writer = ShardWriter(staging, name, shard_samples, seq_len + 1, dtype)
         document_count = 0
         with tqdm(desc=f"tokenize {name}", unit="B", unit_scale=True, disable=None) as progress:
@@ -150,6 +154,11 @@ def tokenize(
             "total_tokens": total_samples * (seq_len + 1),
             "documents": document_count,
             "dropped_tokens": packer.remainder,
+            # Padded instead of split (whole_documents): padding one-token EOS documents, documents longer than a
+            # sample (split all the same).
+            "whole_documents": whole_documents,
+            "padding_tokens": packer.padding_tokens,
+            "split_documents": packer.split_documents,
             "inputs": files,
         }
         # Last: a folder with a manifest is complete.

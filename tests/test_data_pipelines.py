@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import random
 import subprocess
@@ -280,6 +281,52 @@ def test_packer_edges() -> None:
     assert packer.remainder == 0
 
 
+def test_packer_whole_documents_pad_instead_of_splitting() -> None:
+    packer = Packer(4, pad_id=9)
+    # Documents of 3, 2 (does not fit the 1 token left: padded), 6 (longer than a chunk: split) and 2 tokens.
+    chunks = packer.add(np.arange(13, dtype=np.uint32), np.array([3, 2, 6, 2]))
+    assert [c.tolist() for c, _ in chunks] == [[0, 1, 2, 9], [3, 4, 5, 6], [7, 8, 9, 10]]
+    assert [s.tolist() for _, s in chunks] == [[0, 3], [0, 2], []]
+    assert (packer.padding_tokens, packer.split_documents, packer.remainder) == (1, 1, 2)
+
+
+def test_whole_documents_sit_in_one_sample_and_padding_takes_no_loss(
+    tmp_path: Path, documents: list[str], corpus: Path, sp_model: Path
+) -> None:
+    """Every document that fits in a sample lies inside one (found whole between its sample's starts), and the
+    padding around it has no label."""
+    from nopetrain.data import batch_from_chunks
+
+    seq_len = 127  # most of these documents fit in a sample (SEQ_LEN holds none)
+    manifest = tokenize([str(corpus)], str(sp_model), tmp_path, "whole", seq_len, whole_documents=True)
+    processor = spm.SentencePieceProcessor(model_file=str(sp_model))
+    encoded = [[*processor.encode(text), 2] for text in documents]
+    fitting = [ids for ids in encoded if len(ids) <= seq_len + 1]
+    assert (manifest["whole_documents"], manifest["split_documents"]) == (True, len(encoded) - len(fitting))
+    assert manifest["padding_tokens"] > 0 and len(fitting) > 100
+    samples = read_samples(tmp_path / "whole")
+    found = []
+    for sample in samples:
+        tokens, starts = sample["tokens.npy"].tolist(), sample["starts.npy"].tolist()
+        bounds = [*starts, len(tokens)] if starts[:1] == [0] else [0, *starts, len(tokens)]
+        found += [tokens[a:b] for a, b in itertools.pairwise(bounds)]
+    whole = {tuple(ids) for ids in found}
+    # The last documents may sit in the dropped remainder.
+    assert sum(tuple(ids) in whole for ids in fitting) >= len(fitting) - 2
+
+    chunks = np.stack([sample["tokens.npy"] for sample in samples])
+    batch = batch_from_chunks(chunks, [sample["starts.npy"] for sample in samples], document_masking=True)
+    pad_inputs = 0
+    for row, sample in enumerate(samples):
+        starts = sample["starts.npy"].tolist()
+        # A padding token is a one-token document: an EOS that starts right after another start or an EOS.
+        for position in range(1, seq_len):
+            if position in starts and position + 1 in starts:
+                pad_inputs += 1
+                assert batch.labels[row, position] == -100
+    assert pad_inputs > 0
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
@@ -361,7 +408,7 @@ def test_kv_lookup_answers_the_key_it_asks() -> None:
     assert lines[0] == "Remember the value of each key." and lines[-1] == "Answer:"
     pairs = dict(line.removeprefix("key: ").split(", value: ") for line in lines[1:-2])
     assert len(pairs) == 50 and all(len(v) == 7 and v.isdigit() for v in pairs.values())
-    asked = lines[-2].removeprefix('Question: what is the value of the key "').removesuffix('"?')
+    asked = lines[-2].removeprefix("Question: what is the value of the key ").removesuffix("?")
     assert pairs[asked] == answer
     assert kv_lookup(random.Random(3), 50) == (prompt, answer)
 

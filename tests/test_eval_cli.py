@@ -66,6 +66,7 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         "factors=[1,2]",
         "perplexity.documents=2",
         "niah.trials=2",
+        f"niah.haystack=[{corpus}/heldout/web]",
         "niah.tasks=[standard,multi_key]",
         "niah.depths=[0.0,1.0]",
         "niah.max_new_tokens=8",
@@ -190,7 +191,7 @@ def test_a_local_hugging_face_folder_evaluates_like_the_checkpoint(run_dir, corp
             heldout=[heldout],
             factors=[1, 2],
             perplexity=PerplexityConfig(documents=2),
-            niah=NiahConfig(tasks=["standard"], trials=1, max_new_tokens=4),
+            niah=NiahConfig(tasks=["standard"], trials=1, max_new_tokens=4, haystack=[heldout]),
             rope_scaling=RopeScalingConfig(methods=[]),
         )
         rows = evaluate(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import subprocess
 import sys
 
@@ -145,7 +146,8 @@ def test_needle_task_text(task, needles, answers):
         assert len(answer) == 7 and answer.isdigit()
         line = next(line for line in text.needles if line.endswith(f", value: {answer}"))
         key = line.removeprefix("key: ").split(",")[0]
-        assert len(key.split()) == 2 and f'"{key}"' in text.question
+        # Unquoted, after a space, as in the needle line (so its words tokenize alike in both).
+        assert len(key.split()) == 2 and re.search(rf" {key}( and|\?)", text.question)
     if task == "multi_value":
         assert len({line.split(",")[0] for line in text.needles}) == 1
     else:
@@ -159,19 +161,33 @@ def char_encode(texts: list[str]) -> list[list[int]]:
 
 def test_build_prompt_puts_needles_at_their_depths_and_has_the_exact_length():
     text = niah.needle_task(random.Random(1), "multi_key", 4)
-    haystack = np.full(1000, ord("."), dtype=np.int64)
+    haystack = "\n".join(f"line {i:02d} of the haystack goes on here." for i in range(40))
     depths = [0.0, 0.25, 0.6, 1.0]
-    prompt = niah.build_prompt(text, haystack, depths, 600, char_encode)
-    assert len(prompt) == 600
+    prompt = niah.build_prompt(text, haystack, depths, 900, char_encode)
+    assert len(prompt) == 900
     decoded = bytes(prompt).decode()
-    assert decoded.endswith("\n" + text.question)
-    budget = 600 - sum(len(f"\n{n}\n") for n in text.needles) - len("\n" + text.question)
-    dots_before = [decoded[: decoded.index(needle)].count(".") for needle in text.needles]
-    assert dots_before == [round(d * budget) for d in depths]
+    assert decoded.endswith("\n" + text.needles[-1] + "\n" + text.question)  # depth 1: right before the question
+    lines = decoded.split("\n")
+    # Each needle is a line of its own after round(depth * n) of the n haystack lines that follow the depth-0 one;
+    # the lines before that lead in, the first of them cut to the exact length.
+    first = lines.index(text.needles[0])
+    body = [line for line in lines[first:] if line.startswith("line ")]
+    before = [sum(line.startswith("line ") for line in lines[first : lines.index(needle)]) for needle in text.needles]
+    assert before == [round(d * len(body)) for d in depths]
+    assert first > 0 and not lines[0].startswith("line ") and lines[0].endswith("haystack goes on here.")
     with pytest.raises(ValueError, match="more than the prompt's 100"):
         niah.build_prompt(text, haystack, depths, 100, char_encode)
-    with pytest.raises(ValueError, match="the haystack has 10 tokens"):
-        niah.build_prompt(text, haystack[:10], depths, 600, char_encode)
+    with pytest.raises(ValueError, match="too short for a prompt of 9000"):
+        niah.build_prompt(text, haystack, depths, 9000, char_encode)
+
+
+def test_haystacks_are_prose_without_lookup_lines():
+    lines = ["Some prose here.", "key: calm river, value: 1234567", "Question: what?", "More prose.", "Answer: 7"]
+    documents = [np.array([*map(ord, "\n".join(lines)), 0])]
+    haystack = niah.haystack_for(documents, random.Random(0), 5, lambda ids: bytes(ids).decode())
+    assert haystack == "Some prose here.\nMore prose."
+    with pytest.raises(ValueError, match="a haystack needs 500"):
+        niah.haystack_for(documents, random.Random(0), 500, lambda ids: bytes(ids).decode())
 
 
 def test_scoring_is_exact_match_on_seven_digit_values():

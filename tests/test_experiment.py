@@ -4,6 +4,7 @@ and evaluates with `python -m nopetrain.experiment` on a small real corpus."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import random
 import subprocess
@@ -11,11 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from nopetrain.config import ConfigError
+from nopetrain.config import ConfigError, register_configs
+from nopetrain.curriculum import learning_rate, resolve
 from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines.corpus_lookup import build_lookup, lookup_document
 from nopetrain.data_pipelines.encoders import describe, load
+from nopetrain.eval import niah
 from nopetrain.eval.config import NIAH_TASKS
 from nopetrain.experiment import load_config
 
@@ -51,6 +56,47 @@ def test_lookup_documents_fit_one_sample_and_end_with_their_answer(corpus: Path)
             assert lines[-2].startswith("Question: ")
 
 
+def line_ids(ids: list[int], decode, line: str) -> list[int]:
+    """The ids of the newline-delimited piece of `ids` that decodes to `line`."""
+    breaks = [-1, *(i for i, token in enumerate(ids) if decode([token]) == "\n"), len(ids)]
+    pieces = [ids[a + 1 : b] for a, b in itertools.pairwise(breaks)]
+    return next(piece for piece in pieces if decode(piece) == line)
+
+
+def key_ids(ids: list[int], decode, key: str) -> list[int]:
+    """The shortest run of `ids` that decodes to `key` (spaces aside)."""
+    spans = [ids[a:b] for a in range(len(ids)) for b in range(a + 1, len(ids) + 1)]
+    return min((span for span in spans if decode(span).strip() == key), key=len)
+
+
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_prompts_tokenize_needles_and_questions_as_training_does(corpus: Path, task: str) -> None:
+    """A needle line and the question line get the same ids in an evaluation prompt as in a training look-up
+    document; no space token is left before a newline; the key has the same ids in its needle and in the question."""
+    encoder = load(describe(str(corpus / "tokenizer.model")))
+    haystacks, _ = read_documents(str(corpus / "heldout" / "web"), 1024)
+    filler = niah.haystack_for(haystacks, random.Random(1), 2000, encoder.decode)
+    for seed in range(4):
+        text = niah.needle_task(random.Random(seed), task)
+        training = encoder.encode([lookup_document(random.Random(seed), task, filler, encoder, SEQ_LEN + 1)])[0]
+        haystack = niah.haystack_for(haystacks, random.Random(seed), 512, encoder.decode)
+        depths = [random.Random(seed).random() for _ in text.needles]
+        prompt = niah.build_prompt(text, haystack, depths, 512, encoder.encode)
+        assert len(prompt) == 512
+        question = text.question.split("\n")[0]
+        for line in [*text.needles, question]:
+            assert line_ids(prompt, encoder.decode, line) == line_ids(training, encoder.decode, line), line
+        for ids in (prompt, training):
+            assert not any(
+                encoder.decode([a]).strip() == "" and encoder.decode([b]) == "\n" for a, b in itertools.pairwise(ids)
+            )
+        for needle in text.needles:
+            key = needle.removeprefix("key: ").split(",")[0]
+            if key in question:
+                asked = key_ids(line_ids(prompt, encoder.decode, question), encoder.decode, key)
+                assert key_ids(line_ids(prompt, encoder.decode, needle), encoder.decode, key) == asked, key
+
+
 def test_build_lookup_writes_a_source_of_whole_documents(corpus: Path) -> None:
     documents, tokenizer = read_documents(str(corpus / "train" / "lookup"), 1024)
     raw = (corpus / "raw" / "train" / "lookup.jsonl").read_text().splitlines()
@@ -60,6 +106,25 @@ def test_build_lookup_writes_a_source_of_whole_documents(corpus: Path) -> None:
     )
     # Every document, EOS included, fits one training sample (the stream's cut-off last one may be shorter).
     assert all(len(document) <= SEQ_LEN + 1 for document in documents)
+
+
+def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
+    """The DroPE arm drops RoPE at 87.5% of the steps and recalibrates at 3.3x the pretraining peak (1e-3 against
+    3e-4) with 3.5% warmup (70 of 2K steps); every arm ends at the same learning rate."""
+    register_configs()
+    experiment = load_config("drope_tiny", [])
+    final = {}
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        for arm, spec in experiment.arms.items():
+            cfg = OmegaConf.to_object(compose("train", overrides=[*experiment.train, *spec.overrides]))
+            plan = resolve(cfg, world_size=1)
+            final[arm] = learning_rate(plan, cfg, plan.total_steps)  # where each schedule ends
+            if arm == "drope":
+                recalibration = plan.total_steps - plan.drope_step
+                assert recalibration == pytest.approx(0.125 * plan.total_steps, abs=1)
+                assert cfg.curriculum.drope.lr / cfg.optim.lr == pytest.approx(1e-3 / 3e-4, rel=0.02)
+                assert plan.drope_warmup == pytest.approx(70 / 2000 * recalibration, abs=1)
+    assert len(set(final.values())) == 1, final
 
 
 def test_experiment_config_errors_name_the_key(tmp_path: Path) -> None:
@@ -100,7 +165,12 @@ eval:
   rope_scaling: {{methods: [pi, yarn]}}
   perplexity: {{documents: 2}}
   logit_scale: {{documents: 2}}
-  niah: {{trials: 2, tasks: [standard, multi_key], depths: [0.5], max_new_tokens: 8}}
+  niah:
+    haystack: ["${{corpus.path}}/heldout/web"]
+    trials: 2
+    tasks: [standard, multi_key]
+    depths: [0.5]
+    max_new_tokens: 8
 """
     )
     cmd = [sys.executable, "-m", "nopetrain.experiment", str(config)]

@@ -42,6 +42,9 @@ class NiahConfig:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     # Needles of the multi-* tasks (the paper: four), at random positions.
     needles: int = 4
+    # Held-out prose the haystacks are cut from (lines in the look-up format left out), tokenized with the models'
+    # tokenizer.
+    haystack: list[str] = field(default_factory=lambda: ["data/default/heldout/web"])
     # Decoding stops after the expected answer's length in tokens + 2, at most this, or once the answer is complete.
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -117,6 +120,7 @@ def validate(cfg: EvalConfig) -> None:
         value = getattr(cfg.perplexity, key)
         _require(value > 0, f"perplexity.{key}={value} must be positive")
     _require(cfg.perplexity.bucket is None or cfg.perplexity.bucket > 0, "perplexity.bucket must be positive or null")
+    _require(not cfg.niah.enabled or bool(cfg.niah.haystack), "niah.haystack is empty; name a held-out prose source")
     for task in cfg.niah.tasks:
         _require(task in NIAH_TASKS, f"niah.tasks has {task!r}; choose from {NIAH_TASKS}")
     for key in ("trials", "needles", "max_new_tokens", "batch_size"):

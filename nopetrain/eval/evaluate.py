@@ -144,15 +144,15 @@ def perplexity_rows(loaded: LoadedModel, documents: list[np.ndarray], length: in
 
 
 def niah_trials(
-    loaded: LoadedModel, documents: list[np.ndarray], task: str, length: int, cfg: EvalConfig
+    loaded: LoadedModel, haystacks: list[np.ndarray], task: str, length: int, cfg: EvalConfig
 ) -> list[Trial]:
-    """(depth for the standard task, task text, prompt) of every trial; the same seed gives the same trials.
-    Raises ValueError when the prompt cannot be built at this length."""
+    """(depth for the standard task, task text, prompt) of every trial, its haystack from the held-out prose
+    `haystacks`; the same seed gives the same trials. Raises ValueError when the prompt cannot be built."""
     trials = []
     for trial in range(cfg.niah.trials):
         rng = random.Random(f"{cfg.seed}/{task}/{length}/{trial}")
         text = niah.needle_task(rng, task, cfg.niah.needles)
-        haystack = niah.haystack_for(documents, rng, length)
+        haystack = niah.haystack_for(haystacks, rng, length, loaded.tokenizer.decode)
         # The standard task's trials go round the depths; the others place their needles at random.
         depth = cfg.niah.depths[trial % len(cfg.niah.depths)] if task == "standard" else None
         depths = [depth] if depth is not None else [rng.random() for _ in text.needles]
@@ -181,12 +181,12 @@ def niah_scores(
     return scores
 
 
-def niah_rows(loaded: LoadedModel, documents: list[np.ndarray], length: int, cfg: EvalConfig) -> list[Row]:
+def niah_rows(loaded: LoadedModel, haystacks: list[np.ndarray], length: int, cfg: EvalConfig) -> list[Row]:
     """Per task its success rate; for the standard task also per depth."""
     rows = []
     for task in cfg.niah.tasks:
         try:
-            trials = niah_trials(loaded, documents, task, length, cfg)
+            trials = niah_trials(loaded, haystacks, task, length, cfg)
         except ValueError as err:
             log.warning("%s: NIAH %s at %d tokens skipped: %s", loaded.name, task, length, err)
             continue
@@ -200,8 +200,10 @@ def niah_rows(loaded: LoadedModel, documents: list[np.ndarray], length: int, cfg
     return rows
 
 
-def evaluate_model(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> list[Row]:
-    """Rows for one loaded model: every method at every length."""
+def evaluate_model(
+    loaded: LoadedModel, documents: list[np.ndarray], haystacks: list[np.ndarray], cfg: EvalConfig
+) -> list[Row]:
+    """Rows for one loaded model: every method at every length (NIAH's haystacks cut from `haystacks`)."""
     methods = methods_for(loaded, cfg)
     fitted = fitted_scale(loaded, documents, cfg) if "logit_scale" in methods else None
     if fitted is None and "logit_scale" in methods:
@@ -217,7 +219,7 @@ def evaluate_model(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalCo
             if cfg.perplexity.enabled:
                 found += perplexity_rows(loaded, documents, length, cfg)
             if cfg.niah.enabled:
-                found += niah_rows(loaded, documents, length, cfg)
+                found += niah_rows(loaded, haystacks, length, cfg)
             common = {"model": loaded.name, "method": method, "context_factor": factor, "context_len": length}
             rows += [{**common, **row} for row in found]
             summary = ", ".join(
@@ -246,6 +248,8 @@ def evaluate(cfg: EvalConfig) -> list[Row]:
     rows = []
     for name, spec in model_specs(cfg).items():
         loaded = load_model(name, spec, cfg.train_context, device)
-        documents = heldout_documents(cfg.heldout, loaded.model.config.vocab_size, sha256_file(loaded.tokenizer_path))
-        rows += evaluate_model(loaded, documents, cfg)
+        vocab, tokenizer_sha256 = loaded.model.config.vocab_size, sha256_file(loaded.tokenizer_path)
+        documents = heldout_documents(cfg.heldout, vocab, tokenizer_sha256)
+        haystacks = heldout_documents(cfg.niah.haystack, vocab, tokenizer_sha256) if cfg.niah.enabled else []
+        rows += evaluate_model(loaded, documents, haystacks, cfg)
     return rows

@@ -7,8 +7,9 @@ distinct keys, one asked), `multi_query` (four needles, two keys asked, values a
 look-up format (data_pipelines/corpus_math.py), which a model trained on it has seen at short lengths.
 
 Two levels: `needle_task` draws the text of a task (needle lines, question, expected values) from an rng and knows
-nothing of tokens, so synthetic training documents can be written with it; `build_prompt` assembles a token prompt
-of an exact length from held-out text and a task's text.
+nothing of tokens; `prompt_text` lays a task out in prose (needles as lines, then the question), the layout of the
+synthetic training documents too (data_pipelines/corpus_lookup.py); `build_prompt` encodes that text once, at an
+exact length, from held-out prose (`haystack_for`), so that a needle or question gets the tokens it gets in training.
 
 Scoring is exact match on the seven-digit numbers in the decoded output: for one expected value, the first number
 the model writes must be it (1 or 0); for several (multi_query, multi_value), the score is the fraction of the
@@ -30,6 +31,9 @@ from nopetrain.data_pipelines.corpus_math import lookup_keys, lookup_line, looku
 from nopetrain.model import KVCache, Transformer
 
 MULTI_QUERY_KEYS = 2
+# Prose gathered per haystack, in tokens of prose per token of prompt: enough that the exact-length search never
+# runs out.
+HAYSTACK_MARGIN = 1.2
 _VALUE = re.compile(r"(?<!\d)\d{7}(?!\d)")
 
 
@@ -53,7 +57,7 @@ def needle_task(rng: random.Random, task: str, num_needles: int = 4) -> NeedleTa
     if task == "multi_value":
         key = lookup_keys(rng, 1)[0]
         values = [lookup_value(rng) for _ in range(num_needles)]
-        question = f'Question: what are all the values of the key "{key}"?\nAnswer:'
+        question = f"Question: what are all the values of the key {key}?\nAnswer:"
         return NeedleTask(task, [lookup_line(key, value) for value in values], question, values)
     keys = lookup_keys(rng, num_needles)
     values = [lookup_value(rng) for _ in keys]
@@ -63,37 +67,57 @@ def needle_task(rng: random.Random, task: str, num_needles: int = 4) -> NeedleTa
         return NeedleTask(task, needles, lookup_question(keys[asked]), [values[asked]])
     if task == "multi_query":
         asked = rng.sample(range(num_needles), min(MULTI_QUERY_KEYS, num_needles))
-        names = " and ".join(f'"{keys[i]}"' for i in asked)
+        names = " and ".join(keys[i] for i in asked)
         question = f"Question: what are the values of the keys {names}?\nAnswer:"
         return NeedleTask(task, needles, question, [values[i] for i in asked])
     raise ValueError(f"unknown NIAH task {task!r}")
 
 
+def prompt_text(task: NeedleTask, haystack: str, depths: list[float]) -> str:
+    """The haystack's lines with the task's needles as lines of their own, the needle of depth d after
+    round(d * lines) of them, then the question: the layout of a training look-up document
+    (data_pipelines/corpus_lookup.py)."""
+    lines = haystack.split("\n") if haystack else []
+    after: dict[int, list[str]] = {}
+    for depth, needle in sorted(zip(depths, task.needles, strict=True), key=lambda pair: pair[0]):
+        after.setdefault(round(depth * len(lines)), []).append(needle)
+    pieces = list(after.get(0, []))
+    for index, line in enumerate(lines, start=1):
+        pieces += [line, *after.get(index, [])]
+    return "\n".join([*pieces, task.question])
+
+
 def build_prompt(
     task: NeedleTask,
-    haystack: np.ndarray,
+    haystack: str,
     depths: list[float],
     length: int,
     encode: Callable[[list[str]], list[list[int]]],
 ) -> list[int]:
-    """A prompt of exactly `length` tokens: held-out `haystack` tokens with the task's needles (one line each)
-    inserted at fractions `depths` of the haystack (one per needle), then the question. Raises ValueError when the
-    needles and question do not fit or the haystack is too short."""
-    pieces = encode([f"\n{needle}\n" for needle in task.needles] + [f"\n{task.question}"])
-    needles, question = pieces[:-1], pieces[-1]
-    budget = length - len(question) - sum(map(len, needles))
-    if budget < 0:
-        raise ValueError(f"the needles and question take {length - budget} tokens, more than the prompt's {length}")
-    if len(haystack) < budget:
-        raise ValueError(f"the haystack has {len(haystack)} tokens, the prompt needs {budget}")
-    text = haystack[:budget].tolist()
-    prompt: list[int] = []
-    cut = 0
-    for depth, needle in sorted(zip(depths, needles, strict=True), key=lambda pair: pair[0]):
-        where = round(depth * budget)
-        prompt += text[cut:where] + needle
-        cut = where
-    return prompt + text[cut:] + question
+    """A prompt of exactly `length` tokens, encoded as one text so that needles and question get the tokens they
+    get inside a training document: the most of the haystack's last lines whose `prompt_text` fits, preceded by the
+    lines before them, of which only the last tokens that complete `length` are kept (as a training sample may
+    start inside a document). Depths are fractions of the lines that fit. Raises ValueError when the needles and
+    question alone are too long or the haystack too short."""
+    lines = haystack.split("\n")
+
+    def body(count: int) -> str:
+        return prompt_text(task, "\n".join(lines[len(lines) - count :]) if count else "", depths)
+
+    fixed = len(encode([body(0)])[0])
+    if fixed > length:
+        raise ValueError(f"the needles and question take {fixed} tokens, more than the prompt's {length}")
+    low, high = 0, len(lines) - 1  # at least one line is left to lead in
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(encode([body(middle)])[0]) <= length:
+            low = middle
+        else:
+            high = middle - 1
+    ids = encode(["\n".join([*lines[: len(lines) - low], body(low)])])[0]
+    if len(ids) < length:
+        raise ValueError(f"the haystack ({len(lines)} lines) is too short for a prompt of {length} tokens")
+    return ids[-length:]
 
 
 def score(output: str, answers: list[str]) -> float:
@@ -135,15 +159,31 @@ def generate_greedy(
     return outputs
 
 
-def haystack_for(documents: list[np.ndarray], rng: random.Random, tokens: int) -> np.ndarray:
-    """`tokens` of held-out text from consecutive documents starting at a random one (their EOS left out, so the
-    model reads one stream of text)."""
+# Lines in the needles' or the question's format: a haystack (or training filler) holding them would plant
+# distractors (the math source's look-up exercises use the same format).
+LOOKUP_LIKE = re.compile(r"\bkey: .*\bvalue: |Question:|Answer:")
+
+
+def prose_lines(text: str) -> list[str]:
+    """The non-empty lines of `text` that are not in the look-up format."""
+    return [line for line in text.split("\n") if line.strip() and not LOOKUP_LIKE.search(line)]
+
+
+def haystack_for(
+    documents: list[np.ndarray], rng: random.Random, tokens: int, decode: Callable[[list[int]], str]
+) -> str:
+    """Prose for a haystack of at least `tokens` tokens: consecutive held-out documents from a random one, decoded
+    (their EOS left out) and kept to `prose_lines`, one text."""
     start = rng.randrange(len(documents))
-    parts, total = [], 0
+    lines: list[str] = []
+    total = 0.0
     for offset in range(len(documents)):
-        document = documents[(start + offset) % len(documents)][:-1]
-        parts.append(document)
-        total += len(document)
-        if total >= tokens:
-            return np.concatenate(parts)[:tokens]
-    raise ValueError(f"the held-out documents hold {total} tokens, a haystack needs {tokens}")
+        document = documents[(start + offset) % len(documents)]
+        text = decode(document[:-1].tolist())
+        kept = prose_lines(text)
+        lines += kept
+        # The kept lines' share of the document's tokens, estimated by characters.
+        total += len(document) * sum(map(len, kept)) / max(1, len(text))
+        if total >= tokens * HAYSTACK_MARGIN:
+            return "\n".join(lines)
+    raise ValueError(f"the held-out documents hold about {int(total)} tokens of prose, a haystack needs {tokens}")

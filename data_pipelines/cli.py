@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 from .build_default import build_default
-from .corpus_lookup import build_lookup
 from .errors import DataError
 from .tokenize_source import DEFAULT_SHARD_SAMPLES, tokenize
 from .train_tokenizer import DEFAULT_THREADS, MODEL_TYPES, train_tokenizer
@@ -97,6 +96,9 @@ def _run(args: argparse.Namespace) -> str:
             f"shards from {manifest['documents']} documents ({manifest['dropped_tokens']} tokens dropped)"
         )
     if args.command == "build-lookup":
+        # Imported here: it needs the evaluation's NIAH layout (nopetrain.eval), which the other commands do not.
+        from .corpus_lookup import build_lookup
+
         manifest = build_lookup(args.corpus, args.documents, args.seed)
         target = args.corpus / "train" / "lookup"
         return f"wrote {target}: {manifest['documents']} documents, {manifest['total_tokens']} tokens"

@@ -144,8 +144,11 @@ def find_damage(path: Path) -> str | None:
         return f"no {CHECKSUMS} (saved by a nopetrain that did not record checksums; it cannot be verified)"
     except (OSError, ValueError) as err:
         return f"{CHECKSUMS} is unreadable ({type(err).__name__})"
-    if not isinstance(record, dict) or TRAINER_STATE not in record:
-        return f"{CHECKSUMS} does not list {TRAINER_STATE}"
+    entries_ok = isinstance(record, dict) and all(
+        isinstance(entry, dict) and entry.keys() == {"size", "sha256"} for entry in record.values()
+    )
+    if not entries_ok or TRAINER_STATE not in record:
+        return f"{CHECKSUMS} does not hold a size and sha256 for every file and {TRAINER_STATE}"
     for name, expected in record.items():
         file = path / name
         if not file.is_file():

@@ -150,7 +150,8 @@ def _drope_step(cfg: TrainConfig, phases: list[Phase]) -> int | None:
     else:
         return None
     if not 0 <= step < cfg.steps:
-        raise ConfigError(f"curriculum.drope resolves to step {step}, outside the run's steps 0..{cfg.steps - 1}")
+        key = f"curriculum.drope.{given[0]}={getattr(drope, given[0])!r}"
+        raise ConfigError(f"{key} resolves to step {step}, outside the run's steps 0..{cfg.steps - 1}")
     return step
 
 

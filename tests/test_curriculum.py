@@ -97,7 +97,8 @@ def test_recalibration_schedule_and_wsd_decay_at_a_phase():
         ([PhaseConfig(name="a", global_batch_size=3)], None, "global_batch_size=3 must be a multiple"),
         ([], DropeConfig(at_step=1, at_fraction=0.5), "sets at_step and at_fraction"),
         ([], DropeConfig(at_phase="nope"), "at_phase='nope' is not a phase"),
-        ([], DropeConfig(at_step=100), "outside the run's steps"),
+        ([], DropeConfig(at_step=100), "drope.at_step=100 resolves to step 100, outside the run's steps"),
+        ([], DropeConfig(at_fraction=1.0), "drope.at_fraction=1.0 resolves to step 100, outside the run's steps"),
         ([], DropeConfig(at_step=1, qk_norm="k"), "drope.qk_norm='k'"),
     ],
 )

@@ -54,7 +54,7 @@ log = logging.getLogger("nopetrain")
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint file that is damaged or would need arbitrary code to load; the message names the file."""
+    """A checkpoint file that would need more than tensors and plain data to load; the message names the file."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -238,8 +238,9 @@ def _choose_checkpoint(resume: str, root: Path) -> Path | None:
             skipped.append(path.name)
         if skipped:
             raise ConfigError(
-                f"checkpoint.resume=auto: none of the checkpoints in {root} is intact ({', '.join(skipped)}); "
-                "point checkpoint.resume at one to see why, or choose another run.name"
+                f"checkpoint.resume=auto: none of the checkpoints in {root} is intact ({', '.join(skipped)}, "
+                "reasons in the warnings above); nothing was deleted: move them aside to start afresh, or choose "
+                "another run.name"
             )
         return None
     if resume == "none":

@@ -4,19 +4,30 @@ Layout under `<run.dir>/checkpoints/`:
   step_00000100/             DeepSpeed's files (model and ZeRO optimizer shards) plus
     trainer_state.json       step, tokens seen, W&B run id, resolved config (rank 0)
     rank_00000.pt ...        each rank's RNG states and data-stream position
+    checksums.json           size and sha256 of every file above (rank 0, last)
   latest                     the newest complete tag, for tools that follow DeepSpeed's convention
 
-Every rank writes into `.incomplete-step_N/`; only after all ranks are done does rank 0 rename it to `step_N`,
-so a crash mid-save leaves the previous checkpoints untouched and `resume=auto` never sees a partial one.
+Every rank writes into `.incomplete-step_N/`; only after all ranks are done does rank 0 record the checksums and
+rename it to `step_N`, so a crash mid-save leaves the previous checkpoints untouched and `resume=auto` never sees a
+partial one. A checkpoint damaged after publishing (a truncated copy, a full disk) fails its checksums: `resume=auto`
+skips it with a warning and takes the newest intact one, an explicit `checkpoint.resume=PATH` is refused.
+
+Every file is read with `torch.load(weights_only=True)`, DeepSpeed's own loaders included (`safe_torch_load`): a
+checkpoint is data, and loading one must not run code that a crafted pickle brings along.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +35,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from nopetrain.config import ConfigError
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 INCOMPLETE_PREFIX = ".incomplete-"
 TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+
+# What DeepSpeed's ZeRO-1/2/3 model and optimizer states hold besides tensors and plain containers (found by listing
+# the globals of real checkpoints): plain classes whose construction runs no code of the file's choosing.
+DEEPSPEED_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+log = logging.getLogger("nopetrain")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that would need more than tensors and plain data to load; the message names the file."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -49,7 +74,13 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, tuples and ints, which a weights-only load reads back."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -57,10 +88,81 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Inside, every `torch.load` is weights-only (tensors, containers and DEEPSPEED_GLOBALS), and a file that needs
+    anything else raises CheckpointError naming it, before any of its code runs."""
+    # DeepSpeed's checkpoint readers (engine, ZeRO optimizers, universal conversion, zero_to_fp32) call torch.load
+    # with weights_only=False in some forty places; its pluggable checkpoint engine covers only a few of them.
+    unrestricted = torch.load
+
+    def restricted(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return unrestricted(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            # torch's message is a paragraph; its reason is the sentence after "WeightsUnpickler error:".
+            reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(err))
+            raise CheckpointError(
+                f"{f}: refused to load, it holds more than tensors and plain data "
+                f"({reason.group(1).rstrip('.') if reason else str(err).splitlines()[0]})"
+            ) from None
+
+    torch.load = restricted
+    try:
+        with torch.serialization.safe_globals(DEEPSPEED_GLOBALS):
+            yield
+    finally:
+        torch.load = unrestricted
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Records size and sha256 of every file under `folder` in its checksums.json."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    record = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def find_damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` (a missing, truncated or altered file, an unreadable trainer state), or
+    None when every file matches checksums.json. Reads every file once."""
+    try:
+        record = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return f"no {CHECKSUMS} (saved by a nopetrain that did not record checksums; it cannot be verified)"
+    except (OSError, ValueError) as err:
+        return f"{CHECKSUMS} is unreadable ({type(err).__name__})"
+    entries_ok = isinstance(record, dict) and all(
+        isinstance(entry, dict) and entry.keys() == {"size", "sha256"} for entry in record.values()
+    )
+    if not entries_ok or TRAINER_STATE not in record:
+        return f"{CHECKSUMS} does not hold a size and sha256 for every file and {TRAINER_STATE}"
+    for name, expected in record.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, {CHECKSUMS} records {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 in {CHECKSUMS}"
+    try:
+        read_trainer_state(path)
+    except ValueError:
+        return f"{TRAINER_STATE} is not valid JSON"
+    return None
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -95,6 +197,7 @@ def save(
     final = root / tag
     if rank == 0:
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        write_checksums(staging)
         if final.exists():
             # A resumed run that passes a step it had saved before replaces that checkpoint.
             shutil.rmtree(final)
@@ -107,14 +210,41 @@ def save(
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: `auto` -> newest complete one in run_dir (or None), `none` -> None (refused
-    when run_dir already holds checkpoints, so nothing is overwritten), else a checkpoint directory path."""
-    root = checkpoint_root(run_dir)
+    """The checkpoint to resume from: `auto` -> newest intact one in run_dir (or None when it has none), `none` ->
+    None (refused when run_dir already holds checkpoints, so nothing is overwritten), else that checkpoint directory,
+    refused unless intact. Rank 0 verifies (see find_damage) and tells the other ranks."""
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = _choose_checkpoint(resume, checkpoint_root(run_dir))
+        except ConfigError as err:
+            outcome[0] = err
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], ConfigError):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _choose_checkpoint(resume: str, root: Path) -> Path | None:
+    found = complete_checkpoints(root)
     if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
+        skipped = []
+        for path in reversed(found):
+            damage = find_damage(path)
+            if damage is None:
+                return path
+            # Left in place for inspection: a damaged checkpoint is only replaced when the run saves its step again.
+            log.warning("checkpoint.resume=auto: skipping %s (%s)", path, damage)
+            skipped.append(path.name)
+        if skipped:
+            raise ConfigError(
+                f"checkpoint.resume=auto: none of the checkpoints in {root} is intact ({', '.join(skipped)}, "
+                "reasons in the warnings above); nothing was deleted: move them aside to start afresh, or choose "
+                "another run.name"
+            )
+        return None
     if resume == "none":
-        if complete_checkpoints(root):
+        if found:
             raise ConfigError(
                 f"checkpoint.resume=none but {root} already holds checkpoints; "
                 "use checkpoint.resume=auto to continue or choose another run.name"
@@ -123,6 +253,9 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     path = Path(resume)
     if not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"checkpoint.resume={resume}: not a complete nopetrain checkpoint (no {TRAINER_STATE})")
+    damage = find_damage(path)
+    if damage is not None:
+        raise ConfigError(f"checkpoint.resume={resume}: {damage}")
     return path
 
 
@@ -140,17 +273,18 @@ def convert_to_universal(path: Path) -> Path:
 
         staging = path / (UNIVERSAL + ".incomplete")
         shutil.rmtree(staging, ignore_errors=True)
-        ds_to_universal.main(
-            Namespace(
-                input_folder=str(path),
-                output_folder=str(staging),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=True,
+        with safe_torch_load():
+            ds_to_universal.main(
+                Namespace(
+                    input_folder=str(path),
+                    output_folder=str(staging),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
             )
-        )
         os.replace(staging, target)
     dist.barrier()
     return target
@@ -158,7 +292,8 @@ def convert_to_universal(path: Path) -> Path:
 
 def read_rank_states(path: Path) -> list[dict[str, Any]]:
     """Every rank's saved state, for re-splitting the data streams over a different layout."""
-    return [torch.load(file, weights_only=False) for file in sorted(path.glob("rank_*.pt"))]
+    with safe_torch_load():
+        return [torch.load(file) for file in sorted(path.glob("rank_*.pt"))]
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -169,7 +304,8 @@ def load(engine: DeepSpeedEngine, path: Path, universal: bool) -> dict[str, Any]
     """Loads model and optimizer state into the engine (from the universal form when the number of processes
     changed); returns this rank's RNG and data-stream state, None if the saving run had no such rank."""
     load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
-    loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+    with safe_torch_load():
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if loaded is None:
         raise ConfigError(f"checkpoint {path}: DeepSpeed found no model states to load")
     rank_file = path / f"rank_{dist.get_rank():05d}.pt"
@@ -177,4 +313,5 @@ def load(engine: DeepSpeedEngine, path: Path, universal: bool) -> dict[str, Any]
         if universal:
             return None
         raise ConfigError(f"checkpoint {path}: {rank_file.name} is missing")
-    return torch.load(rank_file, weights_only=False)
+    with safe_torch_load():
+        return torch.load(rank_file)

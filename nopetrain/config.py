@@ -8,10 +8,14 @@ line is parsed; `validate()` then checks what types cannot express (divisibility
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 
 class ConfigError(ValueError):
@@ -294,6 +298,29 @@ def validate_model(cfg: ModelConfig) -> None:
     )
 
 
+def check_run_dir(run_dir: str) -> None:
+    _require(not Path(run_dir).exists() or Path(run_dir).is_dir(), f"run.dir={run_dir} exists and is not a directory")
+
+
+class RunDirCheck(Callback):
+    """check_run_dir before Hydra makes run.dir its output folder (configs/train.yaml), where a file in the way
+    would end in a FileExistsError traceback instead of train.py's one-line error."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            check_run_dir(config.run.dir)
+        except ConfigError as err:
+            print(f"nopetrain: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks a whole training config for a given world size; raises ConfigError naming the first bad key."""
     validate_model(cfg.model)
@@ -324,7 +351,19 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         0.0 < cfg.schedule.decay_fraction <= 1.0,
         f"schedule.decay_fraction={cfg.schedule.decay_fraction} must be in (0, 1]",
     )
+    # lr 0 is a run that changes no weight (a test of loading); below 0 it would ascend the loss.
+    _require(0 <= cfg.optim.lr < math.inf, f"optim.lr={cfg.optim.lr} must be finite and >= 0")
     _require(len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must have two entries")
+    _require(all(0 <= beta < 1 for beta in cfg.optim.betas), f"optim.betas={list(cfg.optim.betas)} must be in [0, 1)")
+    _require(cfg.optim.eps > 0, f"optim.eps={cfg.optim.eps} must be positive")
+    _require(cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0")
+    # DeepSpeed reads gradient_clipping=0 as no clipping.
+    _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0: no clipping)")
+    _require(
+        cfg.curriculum.drope.lr is None or 0 <= cfg.curriculum.drope.lr < math.inf,
+        f"curriculum.drope.lr={cfg.curriculum.drope.lr} must be finite and >= 0, or null",
+    )
+    check_run_dir(cfg.run.dir)
     _require(cfg.checkpoint.every > 0, f"checkpoint.every={cfg.checkpoint.every} must be positive")
     _require(cfg.checkpoint.keep > 0, f"checkpoint.keep={cfg.checkpoint.keep} must be positive")
     _require(

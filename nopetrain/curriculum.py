@@ -62,7 +62,9 @@ def _source_weights(cfg: TrainConfig, phase: PhaseConfig, index: int) -> dict[st
     return weights
 
 
-def _phase_steps(cfg: TrainConfig, phase: PhaseConfig, index: int, seq_len: int, batch: int) -> int | None:
+def _phase_steps(cfg: TrainConfig, phase: PhaseConfig, index: int, seq_len: int, batch: int) -> tuple[int, str] | None:
+    """The phase's steps and the key that sets them, as `curriculum.phases[i].fraction=0.5 (50 steps)`; None for a
+    phase that sets no length."""
     given = [key for key in ("steps", "tokens", "fraction") if getattr(phase, key) is not None]
     if len(given) > 1:
         raise ConfigError(f"curriculum.phases[{index}] sets {' and '.join(given)}; set at most one length")
@@ -74,15 +76,18 @@ def _phase_steps(cfg: TrainConfig, phase: PhaseConfig, index: int, seq_len: int,
         steps = round(phase.fraction * cfg.steps)
     else:
         return None
+    key = f"curriculum.phases[{index}].{given[0]}={getattr(phase, given[0])}"
     if steps <= 0:
-        raise ConfigError(f"curriculum.phases[{index}] ({phase.name}) resolves to {steps} steps; it must be positive")
-    return steps
+        raise ConfigError(f"{key} ({phase.name}) resolves to {steps} steps; it must be positive")
+    return steps, f"{key} ({steps} steps)"
 
 
 def resolve(cfg: TrainConfig, world_size: int) -> Plan:
     """The run's plan on `world_size` processes; raises ConfigError naming the curriculum key that cannot work."""
     phase_cfgs = list(cfg.curriculum.phases) or [PhaseConfig(name="main")]
     phases: list[Phase] = []
+    # The keys that set the lengths so far, for naming them when they add up to more than the run.
+    lengths: list[str] = []
     start = 0
     for index, phase in enumerate(phase_cfgs):
         seq_len = phase.seq_len or cfg.seq_len
@@ -92,15 +97,23 @@ def resolve(cfg: TrainConfig, world_size: int) -> Plan:
                 f"curriculum.phases[{index}].global_batch_size={batch} must be a multiple of micro_batch_size x world "
                 f"size = {cfg.micro_batch_size * world_size}"
             )
-        steps = _phase_steps(cfg, phase, index, seq_len, batch)
-        if steps is None:
+        resolved = _phase_steps(cfg, phase, index, seq_len, batch)
+        if resolved is None:
             if index != len(phase_cfgs) - 1:
                 raise ConfigError(f"curriculum.phases[{index}] ({phase.name}) has no length; only the last may")
             steps = cfg.steps - start
-        if steps <= 0 or start + steps > cfg.steps:
-            raise ConfigError(
-                f"curriculum.phases[{index}] ({phase.name}) ends at step {start + steps}, past steps={cfg.steps}"
-            )
+            if steps <= 0:
+                raise ConfigError(
+                    f"curriculum phase lengths {' + '.join(lengths)} = {start} steps leave none of steps={cfg.steps} "
+                    f"for the open last phase curriculum.phases[{index}] ({phase.name})"
+                )
+        else:
+            steps, length = resolved
+            lengths.append(length)
+            if start + steps > cfg.steps:
+                raise ConfigError(
+                    f"curriculum phase lengths {' + '.join(lengths)} = {start + steps} steps, past steps={cfg.steps}"
+                )
         phases.append(Phase(phase.name, start, start + steps, _source_weights(cfg, phase, index), seq_len, batch))
         start += steps
     if start != cfg.steps:
@@ -137,7 +150,8 @@ def _drope_step(cfg: TrainConfig, phases: list[Phase]) -> int | None:
     else:
         return None
     if not 0 <= step < cfg.steps:
-        raise ConfigError(f"curriculum.drope resolves to step {step}, outside the run's steps 0..{cfg.steps - 1}")
+        key = f"curriculum.drope.{given[0]}={getattr(drope, given[0])!r}"
+        raise ConfigError(f"{key} resolves to step {step}, outside the run's steps 0..{cfg.steps - 1}")
     return step
 
 

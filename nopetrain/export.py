@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from nopetrain.checkpoint import TRAINER_STATE
+from nopetrain.checkpoint import TRAINER_STATE, CheckpointError, safe_torch_load
 from nopetrain.config import ConfigError, ModelConfig, validate_model
 from nopetrain.eval import logit_scale
 from nopetrain.hf import _IN_LAYER, _TOP_LEVEL
@@ -109,8 +109,10 @@ def _gather_fp32(path: Path) -> dict[str, torch.Tensor]:
 
     # zero_to_fp32 reports progress on stdout and stderr; keep them for our own summary and errors.
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), safe_torch_load():
             return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     except Exception as err:  # DeepSpeed and torch.load raise many types for missing or corrupt shards
         raise ExportError(f"{path}: cannot read the DeepSpeed shards ({_one_line(err)})") from None
 

@@ -348,7 +348,10 @@ def pretrained_model(cfg: TrainConfig) -> str | None:
     if not cfg.init_from.startswith("hf:"):
         raise ConfigError(f"init_from={cfg.init_from!r} must be hf:/path/to/local/folder")
     folder = cfg.init_from.removeprefix("hf:")
-    shape = folder_model_config(folder, name=Path(folder).name)
+    try:
+        shape = folder_model_config(folder, name=Path(folder).name)
+    except ConfigError as err:
+        raise ConfigError(f"init_from={cfg.init_from}: {err}") from None
     cfg.model = dataclasses.replace(shape, attn_logit_scale=cfg.model.attn_logit_scale)
     return folder
 

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nopetrain.config import ConfigError, TrainConfig, register_configs, validate
+from nopetrain.trainer import pretrained_model
 
 from .helpers import REPO, subprocess_env
 
@@ -32,6 +33,9 @@ def composed(*overrides: str) -> TrainConfig:
         (["global_batch_size=12"], "global_batch_size"),
         (["deepspeed.stage=4"], "deepspeed.stage"),
         (["stop_at_step=500"], "stop_at_step"),
+        (["optim.lr=-1"], "optim.lr=-1"),
+        (["optim.grad_clip=-1"], "optim.grad_clip=-1"),
+        (["optim.eps=0"], "optim.eps=0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -75,3 +79,18 @@ def test_cli_unknown_preset_names_the_group(tmp_path):
     proc = run_cli(f"run.dir={tmp_path}/run", "model=smollm_9000b")
     assert proc.returncode != 0
     assert "Could not find 'model/smollm_9000b'" in proc.stderr.splitlines()[0]
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path):
+    file = tmp_path / "run"
+    file.write_text("not a folder")
+    proc = run_cli(f"run.dir={file}")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"nopetrain: error: run.dir={file} exists and is not a directory"
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_init_from_folder_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        pretrained_model(composed(f"init_from=hf:{tmp_path}/nowhere"))
+    assert str(err.value) == f"init_from=hf:{tmp_path}/nowhere: {tmp_path}/nowhere/config.json: not found"

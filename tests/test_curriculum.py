@@ -80,13 +80,25 @@ def test_recalibration_schedule_and_wsd_decay_at_a_phase():
     [
         ([PhaseConfig(name="a", steps=5, fraction=0.1), PhaseConfig(name="b")], None, "phases[0] sets steps and"),
         ([PhaseConfig(name="a"), PhaseConfig(name="b")], None, "phases[0] (a) has no length"),
-        ([PhaseConfig(name="a", steps=200)], None, "ends at step 200, past steps=100"),
+        ([PhaseConfig(name="a", steps=200)], None, "phases[0].steps=200 (200 steps) = 200 steps, past steps=100"),
+        # Phase 0's fraction is what overshoots; every length set so far is named.
+        (
+            [PhaseConfig(name="a", fraction=0.95), PhaseConfig(name="b", fraction=0.16), PhaseConfig(name="c")],
+            None,
+            "phases[0].fraction=0.95 (95 steps) + curriculum.phases[1].fraction=0.16 (16 steps) = 111 steps, past",
+        ),
+        (
+            [PhaseConfig(name="a", fraction=1.0), PhaseConfig(name="b")],
+            None,
+            "phases[0].fraction=1.0 (100 steps) = 100 steps leave none of steps=100 for the open last phase",
+        ),
         ([PhaseConfig(name="a", steps=50)], None, "cover 50 steps but steps=100"),
         ([PhaseConfig(name="a", steps=50), PhaseConfig(name="a")], None, "must be unique"),
         ([PhaseConfig(name="a", global_batch_size=3)], None, "global_batch_size=3 must be a multiple"),
         ([], DropeConfig(at_step=1, at_fraction=0.5), "sets at_step and at_fraction"),
         ([], DropeConfig(at_phase="nope"), "at_phase='nope' is not a phase"),
-        ([], DropeConfig(at_step=100), "outside the run's steps"),
+        ([], DropeConfig(at_step=100), "drope.at_step=100 resolves to step 100, outside the run's steps"),
+        ([], DropeConfig(at_fraction=1.0), "drope.at_fraction=1.0 resolves to step 100, outside the run's steps"),
         ([], DropeConfig(at_step=1, qk_norm="k"), "drope.qk_norm='k'"),
     ],
 )

@@ -190,6 +190,24 @@ def test_haystacks_are_prose_without_lookup_lines():
         niah.haystack_for(documents, random.Random(0), 500, lambda ids: bytes(ids).decode())
 
 
+def test_teacher_forced_scoring_agrees_with_greedy_decoding():
+    """A trial scores 1 exactly when greedy decoding writes its answer tokens first."""
+    model = tiny_model()
+    prompts = [
+        [int(t) for t in torch.randint(3, 64, (12,), generator=torch.Generator().manual_seed(s))] for s in (0, 1)
+    ]
+    written = niah.generate_greedy(model, prompts, max_new_tokens=3, eos_id=-1)
+    assert niah.teacher_forced_scores(model, prompts, written) == [1.0, 1.0]
+    other = [*written[1][:-1], (written[1][-1] + 1) % 64]
+    assert niah.teacher_forced_scores(model, prompts, [written[0], other]) == [1.0, 0.0]
+
+
+def test_answer_ids_are_the_tokens_after_the_question():
+    question, answer = "Question: what is the value of the key calm river?\nAnswer:", "1234567"
+    ids = niah.answer_ids(char_encode, question, answer)
+    assert bytes(ids).decode() == " 1234567"
+
+
 def test_scoring_is_exact_match_on_seven_digit_values():
     assert niah.score(" 1234567\n", ["1234567"]) == 1.0
     assert niah.score(" 12345678", ["1234567"]) == 0.0  # eight digits are not the value

@@ -147,6 +147,8 @@ def straight_shard_runs(tmp_path_factory, corpus):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda sig: sig.name)
 def test_signal_to_process_group_spares_loader_workers(tmp_path, corpus, straight_shard_runs, sig):
     # What SLURM (preemption, scancel, time limit) and `timeout` do: the signal reaches the DataLoader workers too.
+    # SIGTERM killed them before workers ignored it; SIGUSR1 did not (they inherited the watch's handler), and stays
+    # here so that the workers keep ignoring every preemption signal.
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, *shard_overrides(corpus))
     proc = signal_after_steps(cmd, run_dir, sig, after=3, repeat=False, to_group=True)

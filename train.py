@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nopetrain.config import ConfigError, register_configs
 from nopetrain.data.streaming import DataError
+from nopetrain.ownership import RunDirInUse
 from nopetrain.preemption import PREEMPTED_EXIT_CODE, Preempted
 from nopetrain.sweep import sweep_member
 from nopetrain.trainer import NonFiniteLossError, train
@@ -24,7 +25,7 @@ def main(cfg: DictConfig) -> None:
         train_cfg = sweep_member(train_cfg, hydra_cfg.job.num)
     try:
         train(train_cfg)
-    except (ConfigError, DataError, NonFiniteLossError) as err:
+    except (ConfigError, DataError, RunDirInUse, NonFiniteLossError) as err:
         print(f"nopetrain: error: {err}", file=sys.stderr)
         sys.exit(3 if isinstance(err, NonFiniteLossError) else 2)
     except Preempted:

@@ -30,12 +30,24 @@ class Preempted(Exception):
         self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores the preemption signals and SIGINT.
+
+    SLURM, `timeout` and torchrun's agent signal whole process groups, the workers included. torch gives each worker
+    a SIGTERM handler that dies of the signal unless the worker's parent sent it, and the training process's SIGCHLD
+    handler then raises "DataLoader worker ... is killed by signal" in the middle of the step, before it can save.
+    The training process owns its workers: it shuts them down when it closes a stream or exits, and torch's
+    watchdog ends a worker whose training process died."""
+    for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PreemptionWatch:
     """Records preemption signals from the moment it is installed; `start_step` / `signalled` agree across ranks.
 
-    Install it before the data loaders fork their workers: they inherit the handler, so a signal sent to the whole
-    process group (torchrun's agent does that) does not kill them. A handler that was installed before this one
-    (submitit's requeue handler) is handed the signal after the checkpoint: see `hand_over`."""
+    Install it first, so that a signal during start-up is not lost. Data loader workers ignore these signals
+    (`ignore_preemption_signals`). A handler that was installed before this one (submitit's requeue handler) is
+    handed the signal after the checkpoint: see `hand_over`."""
 
     def __init__(self) -> None:
         self.received: int | None = None

@@ -33,6 +33,7 @@ from nopetrain.hf import folder_model_config, load_hf_state_dict
 from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops
 from nopetrain.model import count_parameters, lm_loss
+from nopetrain.ownership import die_with_torchrun_agent, own_run_dir
 from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
 from nopetrain.preemption import Preempted, PreemptionWatch
 
@@ -358,11 +359,15 @@ def pretrained_model(cfg: TrainConfig) -> str | None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs (or resumes) training as configured; returns the final trainer state. Raises Preempted after
-    checkpointing when a preemption signal arrived (see nopetrain/preemption.py)."""
-    # First, so that a signal during start-up is not lost and the data loaders' workers inherit the handler.
+    checkpointing when a preemption signal arrived (see nopetrain/preemption.py), RunDirInUse when another process
+    owns run.dir (see nopetrain/ownership.py)."""
+    die_with_torchrun_agent()
+    # First, so that a signal during start-up is not lost.
     watch = PreemptionWatch()
     try:
-        return _train(cfg, watch)
+        env = init_distributed()
+        with own_run_dir(Path(cfg.run.dir), env.rank):
+            return _train(cfg, env, watch)
     except Preempted:
         watch.hand_over()
         raise
@@ -370,8 +375,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         watch.uninstall()
 
 
-def _train(cfg: TrainConfig, watch: PreemptionWatch) -> dict[str, Any]:
-    env = init_distributed()
+def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, Any]:
     hf_folder = pretrained_model(cfg)
     validate(cfg, env.world_size)
     set_kernel_backend(cfg.kernels)

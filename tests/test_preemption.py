@@ -1,9 +1,12 @@
 """Preemption with real processes: a training process (or torchrun's agent) gets SLURM's signal, checkpoints at the
-end of the step, exits with the requeue code, and the next start continues the same run exactly."""
+end of the step, exits with the requeue code, and the next start continues the same run exactly. SLURM, `timeout` and
+torchrun signal whole process groups, so the shard tests send the signal to the group, DataLoader workers included."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -14,7 +17,7 @@ import pytest
 from nopetrain.checkpoint import complete_checkpoints
 from nopetrain.preemption import PREEMPTED_EXIT_CODE
 
-from .helpers import REPO, losses, run_train, subprocess_env, train_command, wandb_runs
+from .helpers import REPO, build_corpus, corpus_overrides, losses, run_train, subprocess_env, train_command, wandb_runs
 
 pytestmark = pytest.mark.slow
 
@@ -30,25 +33,40 @@ def logged_steps(run_dir: Path) -> int:
 
 
 def signal_after_steps(
-    cmd: list[str], run_dir: Path, sig: signal.Signals, after: int, repeat: bool
+    cmd: list[str], run_dir: Path, sig: signal.Signals, after: int, repeat: bool, to_group: bool = False
 ) -> subprocess.CompletedProcess:
-    """Starts `cmd`, sends `sig` once `after` steps are logged (twice if `repeat`), and waits for it to exit."""
+    """Starts `cmd` in a session of its own, sends `sig` once `after` steps are logged (twice if `repeat`) to it or,
+    `to_group`, to its whole process group, and waits for it to exit."""
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+
+    def send() -> None:
+        if to_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
     deadline = time.monotonic() + 600
     try:
         while proc.poll() is None and logged_steps(run_dir) < after and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "training ended before the signal"
-        proc.send_signal(sig)
+        send()
         if repeat:
             # A second signal while the checkpoint is being written must not abort it.
             time.sleep(0.05)
-            proc.send_signal(sig)
+            send()
         stdout, stderr = proc.communicate(timeout=300)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
@@ -102,4 +120,60 @@ def test_signal_to_torchrun_agent(tmp_path, straight_run):
     run_train(run_dir, STEPS, NO_PERIODIC, *BATCH, nproc=2)
     resumed = losses(run_dir)
     for step, loss in straight_run.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("corpus") / "default")
+
+
+def shard_overrides(corpus: Path) -> list[str]:
+    # The default data config: one DataLoader worker per source.
+    return [STEPS, NO_PERIODIC, *corpus_overrides(corpus), *BATCH]
+
+
+@pytest.fixture(scope="module")
+def straight_shard_runs(tmp_path_factory, corpus):
+    """Losses of uninterrupted runs on the shards by number of processes (the data split depends on it)."""
+    runs = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"straight_shards_{nproc}") / "run"
+        run_train(run_dir, *shard_overrides(corpus), nproc=nproc)
+        runs[nproc] = losses(run_dir)
+    return runs
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda sig: sig.name)
+def test_signal_to_process_group_spares_loader_workers(tmp_path, corpus, straight_shard_runs, sig):
+    # What SLURM (preemption, scancel, time limit) and `timeout` do: the signal reaches the DataLoader workers too.
+    # SIGTERM killed them before workers ignored it; SIGUSR1 did not (they inherited the watch's handler), and stays
+    # here so that the workers keep ignoring every preemption signal.
+    run_dir = tmp_path / "run"
+    cmd = train_command(run_dir, *shard_overrides(corpus))
+    proc = signal_after_steps(cmd, run_dir, sig, after=3, repeat=False, to_group=True)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    [saved] = complete_checkpoints(run_dir / "checkpoints")
+    assert f"preempted by {sig.name}: checkpoint of step" in proc.stderr
+
+    resumed = run_train(run_dir, *shard_overrides(corpus))
+    assert f"resumed from {saved}" in resumed.stderr
+    combined = losses(run_dir)
+    assert sorted(combined) == sorted(straight_shard_runs[1])
+    for step, loss in straight_shard_runs[1].items():
+        assert combined[step] == pytest.approx(loss, rel=1e-6, abs=0), f"step {step}"
+
+
+def test_sigterm_to_torchrun_process_group_with_loader_workers(tmp_path, corpus, straight_shard_runs):
+    # The agent forwards SIGTERM to each rank's process group (each rank has a session of its own), workers included.
+    run_dir = tmp_path / "run"
+    cmd = train_command(run_dir, *shard_overrides(corpus), nproc=2)
+    proc = signal_after_steps(cmd, run_dir, signal.SIGTERM, after=3, repeat=False, to_group=True)
+    assert proc.returncode == 1 and "SignalException" in proc.stderr, proc.stderr[-3000:]
+    assert len(complete_checkpoints(run_dir / "checkpoints")) == 1
+    assert "preempted by SIGTERM" in proc.stderr, proc.stderr[-3000:]
+
+    run_train(run_dir, *shard_overrides(corpus), nproc=2)
+    resumed = losses(run_dir)
+    for step, loss in straight_shard_runs[2].items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"

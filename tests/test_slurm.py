@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nopetrain.launch import slurm
-from tests.helpers import REPO, losses, subprocess_env
+from tests.helpers import REPO, build_corpus, corpus_overrides, losses, subprocess_env
 from tests.slurm_cluster import SlurmCluster, slurm_cluster, unavailable_reason
 
 # Two CPU processes, gloo, the tiny model on synthetic data in fp32; enough steps that a signal sent after step 3
@@ -115,10 +115,10 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def submit(cluster: SlurmCluster, tmp: Path, name: str, *options: str) -> str:
+def submit(cluster: SlurmCluster, tmp: Path, name: str, *options: str, train: list[str] = TRAIN) -> str:
     """Writes and submits the job with the generator's CLI, as a user does; returns the job id."""
     cmd = [sys.executable, "-m", "nopetrain.launch.slurm", *generator_args(tmp, name, *CPU_JOB, *options)]
-    cmd += ["--submit", "--", *TRAIN]
+    cmd += ["--submit", "--", *train]
     env = {**subprocess_env(), **cluster.env}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -129,14 +129,21 @@ def job_log(tmp: Path, name: str, job_id: str) -> str:
     return (tmp / f"{name}-{job_id}.out").read_text()
 
 
-def signal_after_step(cluster: SlurmCluster, job_id: str, run_dir: Path, step: int) -> None:
-    """USR1 to the batch shell (as --signal=B:USR1 does before the time limit) once the run has logged `step`."""
+def signal_after_step(
+    cluster: SlurmCluster,
+    job_id: str,
+    run_dir: Path,
+    step: int,
+    scancel: tuple[str, ...] = ("--signal=USR1", "--batch"),
+) -> None:
+    """By default USR1 to the batch shell (as --signal=B:USR1 does before the time limit), once the run has logged
+    `step`; `scancel` gives scancel's options instead."""
     deadline = time.monotonic() + 120
     while not (run_dir / "metrics.jsonl").exists() or max(losses(run_dir), default=0) < step:
         assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job_id)
         assert time.monotonic() < deadline, f"job {job_id} logged no step {step} in 120 s"
         time.sleep(0.1)
-    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    cluster.run("scancel", *scancel, job_id)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +177,51 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster, uninter
     resumed, straight = losses(run_dir), losses(uninterrupted)
     assert sorted(resumed) == sorted(straight)
     # Two launches of the same run agree to float rounding (gloo's reduction order), as in tests/test_trainer.py.
+    for step, loss in straight.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@pytest.fixture(scope="module")
+def shard_train(tmp_path_factory) -> list[str]:
+    """TRAIN on a real corpus through the default data config (DataLoader workers) instead of synthetic data."""
+    corpus = build_corpus(tmp_path_factory.mktemp("corpus") / "default")
+    return [override for override in TRAIN if override != "data=synthetic"] + corpus_overrides(corpus)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_on_shards(cluster, shard_train, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("uninterrupted_on_shards")
+    job_id = submit(cluster, tmp, "straight", "--mode=task-per-gpu", train=shard_train)
+    job = cluster.wait_for_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    assert job["JobState"] == "COMPLETED", job_log(tmp, "straight", job_id)
+    return tmp / "straight"
+
+
+@pytest.mark.slow
+# Measured with slurm-wlm 22.05 (task-per-gpu): srun, which --full signals too, answers SIGTERM with "forcing job
+# termination" and the step's tasks are SIGKILLed in the same second, before they finish the step (KillWait 5 or
+# 30 s alike). The generated batch script (nopetrain/launch/slurm.py) has to keep SIGTERM away from srun.
+@pytest.mark.xfail(reason="srun kills the job step at once on SIGTERM (issue 13 item 1)", strict=False)
+@pytest.mark.parametrize("mode", ["task-per-gpu", "torchrun"])
+def test_scancel_full_sigterm_checkpoints_with_loader_workers(
+    cluster, shard_train, uninterrupted_on_shards, tmp_path, mode
+):
+    # SIGTERM to every process of the job, DataLoader workers included, as on preemption and at the time limit.
+    job_id = submit(cluster, tmp_path, "cancelled", f"--mode={mode}", train=shard_train)
+    run_dir = tmp_path / "cancelled"
+    signal_after_step(cluster, job_id, run_dir, step=3, scancel=("--signal=TERM", "--full"))
+    job = cluster.wait_for_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    log = job_log(tmp_path, "cancelled", job_id)
+    # scancel means stop: no requeue. torchrun's agent exits 1 when signalled, after its ranks exited 75.
+    assert job["ExitCode"] == ("75:0" if mode == "task-per-gpu" else "1:0") and job["Restarts"] == "0", log
+    assert "preempted by SIGTERM" in (run_dir / "logs" / "rank_00000.log").read_text(), log
+    assert len(list((run_dir / "checkpoints").glob("step_*"))) == 1, log
+
+    job_id = submit(cluster, tmp_path, "cancelled", f"--mode={mode}", train=shard_train)
+    job = cluster.wait_for_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    assert job["JobState"] == "COMPLETED", job_log(tmp_path, "cancelled", job_id)
+    resumed, straight = losses(run_dir), losses(uninterrupted_on_shards)
+    assert sorted(resumed) == sorted(straight)
     for step, loss in straight.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
 

@@ -52,6 +52,7 @@ from webdataset.gopen import gopen
 
 from nopetrain.config import ConfigError, TrainConfig
 from nopetrain.data import Batch, batch_from_chunks
+from nopetrain.preemption import ignore_preemption_signals
 
 log = logging.getLogger("nopetrain")
 
@@ -387,6 +388,7 @@ class _SourceReader:
             num_workers=workers,
             collate_fn=_as_is,
             prefetch_factor=PREFETCH if workers else None,
+            worker_init_fn=ignore_preemption_signals,
         )
         return iter(loader)
 

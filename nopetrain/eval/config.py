@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from nopetrain.config import ConfigError
 from nopetrain.eval.rope_scaling import METHODS as ROPE_METHODS
+from nopetrain.eval.rope_scaling import YARN_RAMPS
 
 NIAH_TASKS = ("standard", "multi_key", "multi_query", "multi_value")
 
@@ -21,6 +22,9 @@ class RopeScalingConfig:
     yarn_alpha: float = 1.0
     yarn_beta: float = 32.0
     yarn_temperature_coef: float = 0.1
+    # dimension: YaRN's ramp linear over the dimension index, as transformers and the YaRN authors' code (what
+    # published YaRN numbers use); rotations: linear over the rotations per training context (the paper's equation).
+    yarn_ramp: str = "dimension"
 
 
 @dataclass
@@ -112,6 +116,10 @@ def validate(cfg: EvalConfig) -> None:
         0 <= cfg.rope_scaling.yarn_alpha < cfg.rope_scaling.yarn_beta,
         f"rope_scaling.yarn_alpha={cfg.rope_scaling.yarn_alpha} must be >= 0 and < "
         f"rope_scaling.yarn_beta={cfg.rope_scaling.yarn_beta}",
+    )
+    _require(
+        cfg.rope_scaling.yarn_ramp in YARN_RAMPS,
+        f"rope_scaling.yarn_ramp={cfg.rope_scaling.yarn_ramp!r} must be one of {YARN_RAMPS}",
     )
     for key in ("documents", "batch_size"):
         value = getattr(cfg.perplexity, key)

@@ -118,6 +118,7 @@ def configure(loaded: LoadedModel, method: str, factor: int, cfg: EvalConfig, co
             scaling.yarn_alpha,
             scaling.yarn_beta,
             scaling.yarn_temperature_coef,
+            scaling.yarn_ramp,
         )
 
 

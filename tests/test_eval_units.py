@@ -14,6 +14,9 @@ import torch
 
 from nopetrain.config import ConfigError, ModelConfig, validate_model
 from nopetrain.eval import logit_scale, niah
+from nopetrain.eval.config import EvalConfig, LogitScaleConfig, validate
+from nopetrain.eval.evaluate import split_heldout
+from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.eval.report import write_report
 from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
 from nopetrain.model import Transformer
@@ -166,7 +169,7 @@ def test_logit_scale_acts_only_beyond_the_training_context():
     assert (beyond - before).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("target", [0.0, 0.37, 1.234, 2.0])
+@pytest.mark.parametrize("target", [-1.0, -0.42, 0.0, 0.37, 1.234, 2.0])
 def test_minimise_recovers_a_known_coefficient(target):
     calls = []
 
@@ -174,15 +177,72 @@ def test_minimise_recovers_a_known_coefficient(target):
         calls.append(c)
         return math.log1p((c - target) ** 2) + 0.3 * abs(c - target)
 
-    found = logit_scale.minimise(objective, 0.0, 2.0, 1e-3)
+    found = logit_scale.minimise(objective, -1.0, 2.0, 1e-3)
     assert found == pytest.approx(target, abs=1e-3)
     assert len(calls) < 40
+
+
+def test_the_default_search_interval_allows_a_negative_coefficient():
+    assert LogitScaleConfig().low < 0 < LogitScaleConfig().high
+
+
+def test_fit_reports_an_optimum_at_an_end_of_the_interval_and_what_it_was_fitted_on():
+    """A real tiny NoPE model (random weights: on these documents flatter attention keeps helping, so the best c
+    is below 0 and the search runs to the low end; the old interval [0, 2] would have reported c = 0 as found)."""
+    model = tiny_model(no_rope_layers=[0, 0])
+    rng = np.random.default_rng(0)
+    # Two sources; documents too short for the longest length (64) are not used, and the count caps the rest.
+    sources = {
+        "heldout/web": [rng.integers(0, 64, n) for n in (40, 80, 90, 100)],
+        "heldout/math": [rng.integers(0, 64, n) for n in (30, 70)],
+    }
+    fitted = logit_scale.fit(model, sources, [32, 64], 2, 16, -0.5, 0.5, 0.01, 4)
+    assert fitted.boundary == "low" and fitted.coef == pytest.approx(-0.5, abs=0.01)
+    assert all(p <= u for p, u in zip(fitted.ppl, fitted.ppl_unscaled, strict=True))
+    assert fitted.documents == [
+        {"source": "heldout/web", "documents": 2, "tokens": 128},
+        {"source": "heldout/math", "documents": 1, "tokens": 64},
+    ]
+    described = logit_scale.describe(fitted)
+    assert "in [-0.5, 0.5], at its low end" in described and "web: 2 documents, 128 tokens" in described
+    assert (
+        logit_scale.fit(model, {"heldout/web": [rng.integers(0, 64, 50)]}, [32, 64], 2, 16, -0.5, 0.5, 0.01, 4) is None
+    )
+    assert logit_scale.end_hit(2.0, -0.5, 2.0, 0.01) == "high" and logit_scale.end_hit(0.3, -0.5, 2.0, 0.01) is None
+    with pytest.raises(ConfigError, match=r"logit_scale.low=-0.5 must be > -0.4809 \(-1 / ln 8\)"):
+        validate(EvalConfig(checkpoint="runs/x", out="o", logit_scale=LogitScaleConfig(low=-0.5)))
+
+
+def test_fit_documents_are_held_out_from_the_report():
+    """A fit source gives its odd-numbered documents to the fit, its even-numbered ones to the report; other
+    sources go to the report whole."""
+    web, code = [np.arange(n) for n in range(10, 16)], [np.arange(n) for n in range(20, 23)]
+    report, fit = split_heldout({"data/heldout/web": web, "data/heldout/code": code}, ["web"])
+    assert [len(d) for d in report] == [10, 12, 14, 20, 21, 22]
+    assert list(fit) == ["data/heldout/web"] and [len(d) for d in fit["data/heldout/web"]] == [11, 13, 15]
+    assert split_heldout({"data/heldout/web": web}, [])[0] == web
+    with pytest.raises(ConfigError, match=r"logit_scale.sources=\['prose'\] must name held-out sources"):
+        validate(EvalConfig(checkpoint="runs/x", out="o", logit_scale=LogitScaleConfig(sources=["prose"])))
+
+
+def test_perplexity_uses_the_same_documents_at_every_length():
+    # The first document is long enough for 64 tokens but not 128: it must not be scored at 64 either.
+    documents = [(np.arange(n) + 7 * i) % 64 for i, n in enumerate((100, 200, 300, 50))]
+    found = same_documents(documents, [64, 128], 2)
+    assert [len(d) for d in found[64]] == [65, 65] and [len(d) for d in found[128]] == [129, 129]
+    for short, long in zip(found[64], found[128], strict=True):
+        assert np.array_equal(short, long[:65])
+    assert [d[0] for d in found[64]] == [7, 14]
+    model = tiny_model()
+    result = perplexity(model, found[64], 32, 2)
+    assert (result.documents, result.tokens, [first for first, _ in result.buckets]) == (2, 128, [0, 32])
 
 
 def test_stored_scale_round_trips_and_a_broken_file_is_named(tmp_path):
     path = tmp_path / logit_scale.FILE
     assert logit_scale.read(path) is None
-    fitted = logit_scale.FittedScale(0.41, 64, [128, 256], [10.0, 12.0], [11.0, 15.0])
+    documents = [{"source": "heldout/web", "documents": 2, "tokens": 512}]
+    fitted = logit_scale.FittedScale(0.41, 64, [128, 256], [10.0, 12.0], [11.0, 15.0], -1.0, 2.0, None, documents)
     logit_scale.write(path, fitted)
     assert logit_scale.read(path) == fitted
     assert [p.name for p in tmp_path.iterdir()] == [logit_scale.FILE]
@@ -246,8 +306,11 @@ def test_scoring_is_exact_match_on_seven_digit_values():
 def test_report_files(tmp_path):
     rows = [
         {"model": "a", "method": m, "context_factor": f, "context_len": 64 * f, "metric": "ppl", "value": v, "n": 2}
+        | {"tokens": 128 * f}
         for m, f, v in [("none", 1, 10.0), ("none", 2, 20.0), ("yarn", 1, 10.0), ("yarn", 2, 14.0)]
     ]
+    fit = {"model": "b", "method": "logit_scale", "context_factor": None, "metric": "logit_scale_c", "value": -0.25}
+    rows.append(fit | {"n": 4, "tokens": 512, "source": "web", "boundary": "low"})
     rows += [
         {
             "model": "a",
@@ -276,6 +339,8 @@ def test_report_files(tmp_path):
             assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = files["results.md"].read_text()
     assert "| a | yarn | 10.000 | 14.000 |" in table and "| a | none | 50.0 | 25.0 |" in table
+    assert "- a: 2 documents at every length; tokens 128 (1x) / 256 (2x)" in table
+    assert "| b | -0.2500 | web: 4 documents, 512 tokens | at the low end of the interval" in table
     assert len(files["results.csv"].read_text().splitlines()) == len(rows) + 1
 
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
@@ -30,7 +32,8 @@ class RopeScalingConfig:
 @dataclass
 class PerplexityConfig:
     enabled: bool = True
-    # Held-out documents per length (the first ones at least that long); fewer is said in one line.
+    # Held-out documents, the same at every length: the first ones longer than the longest length, cut to each;
+    # fewer is said in one line.
     documents: int = 16
     # Position buckets in tokens; null: one training context per bucket.
     bucket: int | None = None
@@ -57,11 +60,16 @@ class LogitScaleConfig:
     enabled: bool = True
     # Fit again even when the checkpoint already has logit_scale.json.
     refit: bool = False
-    # Search interval for c and the final bracket width.
-    low: float = 0.0
+    # Search interval for c (c < 0, i.e. beta < 1, is legitimate; low must keep beta > 0 at the largest factor:
+    # low > -1 / ln(max factor), -0.48 at 8x) and the final bracket width; an optimum within the tolerance of an end
+    # is reported as a boundary hit.
+    low: float = -0.4
     high: float = 2.0
     tolerance: float = 0.005
-    # Held-out documents per target length for the fit (taken from the end of the document list).
+    # The held-out sources the fit uses, by folder name among `heldout` (prose: web). Their odd-numbered documents
+    # are the fit's and the even-numbered ones the report's, so the fit never sees a text the report scores.
+    sources: list[str] = field(default_factory=lambda: ["web"])
+    # Documents per fit source, the same ones at every target length (the first long enough for the longest).
     documents: int = 8
 
 
@@ -136,8 +144,20 @@ def validate(cfg: EvalConfig) -> None:
     )
     scale = cfg.logit_scale
     _require(scale.low < scale.high, f"logit_scale.low={scale.low} must be < logit_scale.high={scale.high}")
+    # beta = 1 + c ln(s) must stay positive at the largest factor, or the fit would try inverted attention.
+    floor = -1 / math.log(max(cfg.factors)) if max(cfg.factors) > 1 else -math.inf
+    _require(
+        scale.low > floor,
+        f"logit_scale.low={scale.low} must be > {floor:.4f} (-1 / ln {max(cfg.factors)}), so that beta = 1 + c ln s "
+        "stays positive at every factor",
+    )
     _require(scale.tolerance > 0, f"logit_scale.tolerance={scale.tolerance} must be positive")
     _require(scale.documents > 0, f"logit_scale.documents={scale.documents} must be positive")
+    names = [Path(path).name for path in cfg.heldout]
+    _require(
+        not scale.enabled or (bool(scale.sources) and all(name in names for name in scale.sources)),
+        f"logit_scale.sources={list(scale.sources)} must name held-out sources by folder name, from {names}",
+    )
     _require(
         cfg.wandb.mode in ("online", "offline", "disabled"),
         f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",

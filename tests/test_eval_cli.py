@@ -112,7 +112,7 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
     assert "## Logit scale" in table and "| web: 2 documents, 256 tokens |" in table
 
     # The fit is stored beside the DroPE checkpoint, within the search range (negative values included), with what
-    # it was fitted on: held-out prose (web's odd-numbered documents; the report scores the even-numbered ones).
+    # it was fitted on: held-out prose (web's documents 0, 2, 4, ...; the report scores 1, 3, 5, ...).
     fitted = json.loads((drope / "logit_scale.json").read_text())
     assert (fitted["low"], fitted["high"]) == (-0.4, 2.0) and -0.4 <= fitted["coef"] <= 2.0
     assert fitted["documents"] == [{"source": f"{corpus}/heldout/web", "documents": 2, "tokens": 256}]

@@ -214,12 +214,12 @@ def test_fit_reports_an_optimum_at_an_end_of_the_interval_and_what_it_was_fitted
 
 
 def test_fit_documents_are_held_out_from_the_report():
-    """A fit source gives its odd-numbered documents to the fit, its even-numbered ones to the report; other
+    """A fit source gives its documents 0, 2, 4, ... to the fit, 1, 3, 5, ... to the report; other
     sources go to the report whole."""
     web, code = [np.arange(n) for n in range(10, 16)], [np.arange(n) for n in range(20, 23)]
     report, fit = split_heldout({"data/heldout/web": web, "data/heldout/code": code}, ["web"])
-    assert [len(d) for d in report] == [10, 12, 14, 20, 21, 22]
-    assert list(fit) == ["data/heldout/web"] and [len(d) for d in fit["data/heldout/web"]] == [11, 13, 15]
+    assert [len(d) for d in report] == [11, 13, 15, 20, 21, 22]
+    assert list(fit) == ["data/heldout/web"] and [len(d) for d in fit["data/heldout/web"]] == [10, 12, 14]
     assert split_heldout({"data/heldout/web": web}, [])[0] == web
     with pytest.raises(ConfigError, match=r"logit_scale.sources=\['prose'\] must name held-out sources"):
         validate(EvalConfig(checkpoint="runs/x", out="o", logit_scale=LogitScaleConfig(sources=["prose"])))

@@ -66,8 +66,8 @@ class LogitScaleConfig:
     low: float = -0.4
     high: float = 2.0
     tolerance: float = 0.005
-    # The held-out sources the fit uses, by folder name among `heldout` (prose: web). Their odd-numbered documents
-    # are the fit's and the even-numbered ones the report's, so the fit never sees a text the report scores.
+    # The held-out sources the fit uses, by folder name among `heldout` (prose: web). Their documents 0, 2, 4, ...
+    # are the fit's and 1, 3, 5, ... the report's, so the fit never sees a text the report scores.
     sources: list[str] = field(default_factory=lambda: ["web"])
     # Documents per fit source, the same ones at every target length (the first long enough for the longest).
     documents: int = 8

@@ -46,14 +46,14 @@ def split_heldout(
     sources: dict[str, list[np.ndarray]], fit_names: list[str]
 ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
     """The documents the report scores (perplexity, NIAH haystacks) and, per source, those the logit scale is
-    fitted on: a source whose folder name is in `fit_names` gives its odd-numbered documents to the fit and its
-    even-numbered ones to the report, so the two never share a text (whether or not a model needs a fit, so every
+    fitted on: a source whose folder name is in `fit_names` gives its documents 0, 2, 4, ... to the fit and
+    1, 3, 5, ... to the report, so the two never share a text (whether or not a model needs a fit, so every
     model of a report is scored on the same documents)."""
     report, fit = [], {}
     for path, documents in sources.items():
         if Path(path).name in fit_names:
-            fit[path] = documents[1::2]
-            report += documents[0::2]
+            fit[path] = documents[0::2]
+            report += documents[1::2]
         else:
             report += documents
     return report, fit

@@ -3,10 +3,12 @@ scaled model itself, the logit scale, the NIAH generator and scorer, the fit of 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +16,9 @@ import torch
 
 from nopetrain.config import ConfigError, ModelConfig, validate_model
 from nopetrain.eval import logit_scale, niah
-from nopetrain.eval.config import EvalConfig, LogitScaleConfig, validate
-from nopetrain.eval.evaluate import split_heldout
+from nopetrain.eval.config import EvalConfig, LogitScaleConfig, PerplexityConfig, validate
+from nopetrain.eval.evaluate import scored_documents, split_heldout
+from nopetrain.eval.models import LoadedModel
 from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.eval.report import write_report
 from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
@@ -236,6 +239,19 @@ def test_perplexity_uses_the_same_documents_at_every_length():
     model = tiny_model()
     result = perplexity(model, found[64], 32, 2)
     assert (result.documents, result.tokens, [first for first, _ in result.buckets]) == (2, 128, [0, 32])
+
+
+def test_too_few_documents_for_the_largest_factor_is_one_line_naming_it(caplog):
+    loaded = LoadedModel("m", "", tiny_model(), None, Path(), 0, 16, Path())
+    cfg = EvalConfig(checkpoint="runs/m", out="o", factors=[1, 4], perplexity=PerplexityConfig(documents=3))
+    documents = [np.arange(n) % 64 for n in (100, 40, 70, 30)]
+    with caplog.at_level(logging.WARNING, logger="nopetrain.eval"):
+        found = scored_documents(loaded, documents, cfg)
+    assert {length: [len(d) for d in found[length]] for length in found} == {16: [17, 17], 64: [65, 65]}
+    assert [record.getMessage() for record in caplog.records] == [
+        "m: perplexity: only 2 of the 3 documents asked for (perplexity.documents) are longer than 64 tokens, which "
+        "factor 4 needs; every length uses these 2"
+    ]
 
 
 def test_stored_scale_round_trips_and_a_broken_file_is_named(tmp_path):

@@ -211,11 +211,14 @@ class Transformer(nn.Module):
             position_ids = torch.arange(past, seq_len, device=input_ids.device)[None]
         cfg = self.config
         rope = rope_tables(position_ids, cfg.resolved_head_dim, cfg.rope_theta, self.rope_scaling, seq_len)
-        # DroPE's length-dependent scale (1 up to the training context) times YaRN's temperature when it is in use.
-        logit_scale = cfg.logit_scale_at(seq_len) * logit_factor(self.rope_scaling, seq_len)
+        # DroPE's length-dependent scale (1 up to the training context); RoPE layers also take YaRN's temperature
+        # when it is in use: it belongs to the scaled frequencies (transformers folds it into cos/sin), so the NoPE
+        # layers of a mixed model keep their logits.
+        logit_scale = cfg.logit_scale_at(seq_len)
+        rope_logit_scale = logit_scale * logit_factor(self.rope_scaling, seq_len)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, logit_scale, segments, cache)
+            x = layer(x, rope, rope_logit_scale if layer.attn.use_rope else logit_scale, segments, cache)
         if cache is not None:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -66,7 +66,6 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         "factors=[1,2]",
         "perplexity.documents=2",
         "niah.trials=2",
-        f"niah.haystack=[{corpus}/heldout/web]",
         "niah.tasks=[standard,multi_key]",
         "niah.depths=[0.0,1.0]",
         "niah.max_new_tokens=8",
@@ -92,6 +91,9 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
     assert methods == {("rope", "none"), ("rope", "pi"), ("rope", "yarn"), ("drope", "none"), ("drope", "logit_scale")}
     ppl = {(r["model"], r["method"], r["context_len"]): float(r["value"]) for r in rows if r["metric"] == "ppl"}
     assert set(ppl) == {(model, method, length) for model, method in methods for length in ("64", "128")}
+    # Every length is scored on the same documents, and each cell says how many and how many tokens.
+    support = {(r["model"], r["method"], r["context_len"], r["n"], r["tokens"]) for r in rows if r["metric"] == "ppl"}
+    assert support == {(model, method, length, "2", str(2 * int(length))) for model, method, length in ppl}
     # At the training context every scaling is the identity; beyond it, they change the model.
     assert ppl[("rope", "pi", "64")] == pytest.approx(ppl[("rope", "none", "64")], rel=1e-5)
     assert ppl[("rope", "yarn", "128")] != ppl[("rope", "none", "128")]
@@ -106,10 +108,19 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in niah_rows)
     table = (out / "results.md").read_text()
     assert "## Perplexity" in table and "| drope | logit_scale |" in table and "## NIAH multi_key" in table
+    assert "- rope: 2 documents at every length; tokens 128 (1x) / 256 (2x)" in table
+    assert "## Logit scale" in table and "| web: 2 documents, 256 tokens |" in table
 
-    # The fit is stored beside the DroPE checkpoint, within the search range, with what it was fitted on.
+    # The fit is stored beside the DroPE checkpoint, within the search range (negative values included), with what
+    # it was fitted on: held-out prose (web's documents 0, 2, 4, ...; the report scores 1, 3, 5, ...).
     fitted = json.loads((drope / "logit_scale.json").read_text())
-    assert 0.0 <= fitted["coef"] <= 2.0 and fitted["train_context"] == 64 and fitted["lengths"] == [128]
+    assert (fitted["low"], fitted["high"]) == (-0.4, 2.0) and -0.4 <= fitted["coef"] <= 2.0
+    assert fitted["documents"] == [{"source": f"{corpus}/heldout/web", "documents": 2, "tokens": 256}]
+    assert fitted["boundary"] in (None, "low", "high") and fitted["train_context"] == 64 and fitted["lengths"] == [128]
+    fit_log = next(line for line in proc.stderr.splitlines() if "fitted logit scale" in line)
+    assert f"c={fitted['coef']:.4f} in [-0.4, 2]" in fit_log and "on web: 2 documents, 256 tokens" in fit_log
+    (fit_row,) = [r for r in rows if r["metric"] == "logit_scale_c"]
+    assert (fit_row["model"], fit_row["source"], fit_row["n"], fit_row["tokens"]) == ("drope", "web", "2", "256")
     assert fitted["ppl"][0] <= fitted["ppl_unscaled"][0] + 1e-9
     assert not (rope / "logit_scale.json").exists()
 
@@ -191,7 +202,7 @@ def test_a_local_hugging_face_folder_evaluates_like_the_checkpoint(run_dir, corp
             heldout=[heldout],
             factors=[1, 2],
             perplexity=PerplexityConfig(documents=2),
-            niah=NiahConfig(tasks=["standard"], trials=1, max_new_tokens=4, haystack=[heldout]),
+            niah=NiahConfig(tasks=["standard"], trials=1, max_new_tokens=4),
             rope_scaling=RopeScalingConfig(methods=[]),
         )
         rows = evaluate(cfg)

@@ -3,11 +3,13 @@ scaled model itself, the logit scale, the NIAH generator and scorer, the fit of 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,10 @@ import torch
 
 from nopetrain.config import ConfigError, ModelConfig, validate_model
 from nopetrain.eval import logit_scale, niah
+from nopetrain.eval.config import EvalConfig, LogitScaleConfig, PerplexityConfig, validate
+from nopetrain.eval.evaluate import scored_documents, split_heldout
+from nopetrain.eval.models import LoadedModel
+from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.eval.report import write_report
 from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
 from nopetrain.model import Transformer
@@ -26,8 +32,8 @@ HEAD_DIM, THETA, CONTEXT = 8, 10_000.0, 64
 BASE = [1.0, 0.1, 0.01, 0.001]
 
 
-def factors(method: str, s: float, seq_len: int = CONTEXT) -> list[float]:
-    return frequency_factors(RopeScaling(method, CONTEXT, s), HEAD_DIM, THETA, seq_len).tolist()
+def factors(method: str, s: float, seq_len: int = CONTEXT, **options) -> list[float]:
+    return frequency_factors(RopeScaling(method, CONTEXT, s, **options), HEAD_DIM, THETA, seq_len).tolist()
 
 
 @pytest.mark.parametrize("s", [2, 4])
@@ -45,17 +51,59 @@ def test_ntk_scales_frequency_m_by_s_to_the_minus_2m_over_d_minus_2():
     torch.testing.assert_close(scaled, ntk_base, rtol=1e-6, atol=0)
 
 
-def test_yarn_interpolates_by_rotations_over_the_training_context():
+def test_yarn_ramps_over_the_dimension_index_by_default():
+    # The index whose frequency makes r rotations over 64 tokens: m(r) = 8 ln(64 / (2 pi r)) / (2 ln 10^4), so
+    # m(q = 32) = -0.497 -> floor, clamped to 0, and m(p = 1) = 1.008 -> ceil 2: kappa = 1 - m / 2 = 1, 0.5, 0, 0.
+    assert factors("yarn", 2) == pytest.approx([1.0, 0.75, 0.5, 0.5], rel=1e-6)
+    assert factors("yarn", 4) == pytest.approx([1.0, 0.625, 0.25, 0.25], rel=1e-6)
+    with pytest.raises(ValueError, match="yarn_ramp 'index' must be one of"):
+        RopeScaling("yarn", CONTEXT, 2.0, yarn_ramp="index")
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "theta", "context", "s", "beta_slow", "beta_fast"),
+    [
+        (64, 10_000.0, 256, 2.0, 1.0, 32.0),
+        (64, 10_000.0, 256, 8.0, 1.0, 32.0),
+        (128, 500_000.0, 4096, 4.0, 1.0, 32.0),
+        (64, 100_000.0, 2048, 16.0, 2.0, 16.0),
+    ],
+)
+def test_yarn_equals_transformers(head_dim, theta, context, s, beta_slow, beta_fast):
+    """Our YaRN frequencies and temperature against transformers' own for the same config."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": s, "original_max_position_embeddings": context}
+    hf_config = LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=int(s * context),
+        rope_parameters={**parameters, "beta_fast": beta_fast, "beta_slow": beta_slow},
+    )
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, torch.device("cpu"))
+    scaling = RopeScaling("yarn", context, s, alpha=beta_slow, beta=beta_fast)
+    torch.testing.assert_close(inverse_frequencies(head_dim, theta, scaling, context), theirs, rtol=1e-6, atol=0)
+    # transformers multiplies cos and sin by the attention factor, i.e. the logits by its square.
+    assert logit_factor(scaling, context) == pytest.approx(attention_factor**2, rel=1e-12)
+    # The paper's equation form stays available and is a different interpolation.
+    equation = RopeScaling("yarn", context, s, alpha=beta_slow, beta=beta_fast, yarn_ramp="rotations")
+    assert (inverse_frequencies(head_dim, theta, equation, context) - theirs).abs().max() > 1e-4 * theirs.max()
+
+
+def test_yarn_equation_form_interpolates_by_rotations_over_the_training_context():
     # Rotations over 64 tokens: 64 w / 2 pi = 10.186, 1.0186, 0.10186, 0.010186; with p = 1, q = 32 the ramp is
     # kappa = (r - 1) / 31 = 0.296320, 0.000600, then 0 (clamped), and gamma = (1 - kappa) / s + kappa.
-    assert factors("yarn", 2) == pytest.approx([0.6481599, 0.5002999, 0.5, 0.5], rel=1e-5)
-    assert factors("yarn", 4) == pytest.approx([0.4722399, 0.2504498, 0.25, 0.25], rel=1e-5)
+    rotations = {"yarn_ramp": "rotations"}
+    assert factors("yarn", 2, **rotations) == pytest.approx([0.6481599, 0.5002999, 0.5, 0.5], rel=1e-5)
+    assert factors("yarn", 4, **rotations) == pytest.approx([0.4722399, 0.2504498, 0.25, 0.25], rel=1e-5)
     # The temperature: logits times (0.1 ln s + 1)^2.
     assert logit_factor(RopeScaling("yarn", CONTEXT, 2.0), CONTEXT) == pytest.approx(1.0693147**2, rel=1e-6)
     assert logit_factor(RopeScaling("yarn", CONTEXT, 4.0), CONTEXT) == pytest.approx(1.1386294**2, rel=1e-6)
     assert logit_factor(RopeScaling("ntk", CONTEXT, 4.0), CONTEXT) == 1.0
     # A wider ramp keeps more frequencies interpolated: p = 0, q = 128 gives kappa_0 = 10.186 / 128.
-    wide = RopeScaling("yarn", CONTEXT, 2.0, alpha=0.0, beta=128.0)
+    wide = RopeScaling("yarn", CONTEXT, 2.0, alpha=0.0, beta=128.0, yarn_ramp="rotations")
     assert frequency_factors(wide, HEAD_DIM, THETA, CONTEXT)[0].item() == pytest.approx(0.5 + 10.185916 / 256)
 
 
@@ -90,6 +138,23 @@ def test_position_interpolation_in_the_model_equals_halved_positions():
     assert (far - plain).abs().max() > 1e-3
 
 
+def test_yarn_temperature_acts_on_the_rope_layers_only():
+    """A mixed model under YaRN equals the same model with no temperature whose RoPE layers' q projections are
+    scaled by the temperature instead (RoPE is linear, and there is no QK-norm): the NoPE layers keep their logits."""
+    model = tiny_model(num_layers=4, no_rope_layers=[0, 1, 0, 1])
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    scaling = RopeScaling("yarn", 8, 4.0)
+    with torch.no_grad():
+        model.rope_scaling = scaling
+        with_temperature = model(ids)
+        model.rope_scaling = RopeScaling("yarn", 8, 4.0, temperature_coef=0.0)
+        for layer in model.layers:
+            if layer.attn.use_rope:
+                layer.attn.q_proj.weight *= logit_factor(scaling, 32)
+        in_rope_layers = model(ids)
+    torch.testing.assert_close(with_temperature, in_rope_layers, atol=1e-5, rtol=1e-5)
+
+
 def test_logit_scale_acts_only_beyond_the_training_context():
     cfg = ModelConfig(logit_scale_coef=0.5, train_context=64, attn_logit_scale=1.2)
     assert cfg.logit_scale_at(32) == cfg.logit_scale_at(64) == 1.2
@@ -108,7 +173,7 @@ def test_logit_scale_acts_only_beyond_the_training_context():
     assert (beyond - before).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("target", [0.0, 0.37, 1.234, 2.0])
+@pytest.mark.parametrize("target", [-1.0, -0.42, 0.0, 0.37, 1.234, 2.0])
 def test_minimise_recovers_a_known_coefficient(target):
     calls = []
 
@@ -116,15 +181,88 @@ def test_minimise_recovers_a_known_coefficient(target):
         calls.append(c)
         return math.log1p((c - target) ** 2) + 0.3 * abs(c - target)
 
-    found = logit_scale.minimise(objective, 0.0, 2.0, 1e-3)
+    found = logit_scale.minimise(objective, -1.0, 2.0, 1e-3)
     assert found == pytest.approx(target, abs=1e-3)
     assert len(calls) < 40
+
+
+def test_the_default_search_interval_allows_a_negative_coefficient():
+    assert LogitScaleConfig().low < 0 < LogitScaleConfig().high
+
+
+def test_fit_reports_an_optimum_at_an_end_of_the_interval_and_what_it_was_fitted_on():
+    """A real tiny NoPE model (random weights: on these documents flatter attention keeps helping, so the best c
+    is below 0 and the search runs to the low end; the old interval [0, 2] would have reported c = 0 as found)."""
+    model = tiny_model(no_rope_layers=[0, 0])
+    rng = np.random.default_rng(0)
+    # Two sources; documents too short for the longest length (64) are not used, and the count caps the rest.
+    sources = {
+        "heldout/web": [rng.integers(0, 64, n) for n in (40, 80, 90, 100)],
+        "heldout/math": [rng.integers(0, 64, n) for n in (30, 70)],
+    }
+    fitted = logit_scale.fit(model, sources, [32, 64], 2, 16, -0.5, 0.5, 0.01, 4)
+    assert fitted.boundary == "low" and fitted.coef == pytest.approx(-0.5, abs=0.01)
+    assert all(p <= u for p, u in zip(fitted.ppl, fitted.ppl_unscaled, strict=True))
+    assert fitted.documents == [
+        {"source": "heldout/web", "documents": 2, "tokens": 128},
+        {"source": "heldout/math", "documents": 1, "tokens": 64},
+    ]
+    described = logit_scale.describe(fitted)
+    assert "in [-0.5, 0.5], at its low end" in described and "web: 2 documents, 128 tokens" in described
+    assert (
+        logit_scale.fit(model, {"heldout/web": [rng.integers(0, 64, 50)]}, [32, 64], 2, 16, -0.5, 0.5, 0.01, 4) is None
+    )
+    assert logit_scale.end_hit(2.0, -0.5, 2.0, 0.01) == "high" and logit_scale.end_hit(0.3, -0.5, 2.0, 0.01) is None
+    with pytest.raises(ConfigError, match=r"logit_scale.low=-0.5 must be > -0.4809 \(-1 / ln 8\)"):
+        validate(EvalConfig(checkpoint="runs/x", out="o", logit_scale=LogitScaleConfig(low=-0.5)))
+
+
+def test_fit_documents_are_held_out_from_the_report():
+    """A fit source gives its documents 0, 2, 4, ... to the fit, 1, 3, 5, ... to the report; other
+    sources go to the report whole."""
+    web, code = [np.arange(n) for n in range(10, 16)], [np.arange(n) for n in range(20, 23)]
+    report, fit = split_heldout({"data/heldout/web": web, "data/heldout/code": code}, ["web"])
+    assert {path: [len(d) for d in found] for path, found in report.items()} == {
+        "data/heldout/web": [11, 13, 15],
+        "data/heldout/code": [20, 21, 22],
+    }
+    assert list(fit) == ["data/heldout/web"] and [len(d) for d in fit["data/heldout/web"]] == [10, 12, 14]
+    assert split_heldout({"data/heldout/web": web}, [])[0] == {"data/heldout/web": web}
+    with pytest.raises(ConfigError, match=r"logit_scale.sources=\['prose'\] must name held-out sources"):
+        validate(EvalConfig(checkpoint="runs/x", out="o", logit_scale=LogitScaleConfig(sources=["prose"])))
+
+
+def test_perplexity_uses_the_same_documents_at_every_length():
+    # The first document is long enough for 64 tokens but not 128: it must not be scored at 64 either.
+    documents = [(np.arange(n) + 7 * i) % 64 for i, n in enumerate((100, 200, 300, 50))]
+    found = same_documents(documents, [64, 128], 2)
+    assert [len(d) for d in found[64]] == [65, 65] and [len(d) for d in found[128]] == [129, 129]
+    for short, long in zip(found[64], found[128], strict=True):
+        assert np.array_equal(short, long[:65])
+    assert [d[0] for d in found[64]] == [7, 14]
+    model = tiny_model()
+    result = perplexity(model, found[64], 32, 2)
+    assert (result.documents, result.tokens, [first for first, _ in result.buckets]) == (2, 128, [0, 32])
+
+
+def test_too_few_documents_for_the_largest_factor_is_one_line_naming_it(caplog):
+    loaded = LoadedModel("m", "", tiny_model(), None, Path(), 0, 16, Path())
+    cfg = EvalConfig(checkpoint="runs/m", out="o", factors=[1, 4], perplexity=PerplexityConfig(documents=3))
+    documents = [np.arange(n) % 64 for n in (100, 40, 70, 30)]
+    with caplog.at_level(logging.WARNING, logger="nopetrain.eval"):
+        found = scored_documents(loaded, documents, cfg)
+    assert {length: [len(d) for d in found[length]] for length in found} == {16: [17, 17], 64: [65, 65]}
+    assert [record.getMessage() for record in caplog.records] == [
+        "m: perplexity: only 2 of the 3 documents asked for (perplexity.documents) are longer than 64 tokens, which "
+        "factor 4 needs; every length uses these 2"
+    ]
 
 
 def test_stored_scale_round_trips_and_a_broken_file_is_named(tmp_path):
     path = tmp_path / logit_scale.FILE
     assert logit_scale.read(path) is None
-    fitted = logit_scale.FittedScale(0.41, 64, [128, 256], [10.0, 12.0], [11.0, 15.0])
+    documents = [{"source": "heldout/web", "documents": 2, "tokens": 512}]
+    fitted = logit_scale.FittedScale(0.41, 64, [128, 256], [10.0, 12.0], [11.0, 15.0], -1.0, 2.0, None, documents)
     logit_scale.write(path, fitted)
     assert logit_scale.read(path) == fitted
     assert [p.name for p in tmp_path.iterdir()] == [logit_scale.FILE]
@@ -221,8 +359,11 @@ def test_scoring_is_exact_match_on_seven_digit_values():
 def test_report_files(tmp_path):
     rows = [
         {"model": "a", "method": m, "context_factor": f, "context_len": 64 * f, "metric": "ppl", "value": v, "n": 2}
+        | {"tokens": 128 * f}
         for m, f, v in [("none", 1, 10.0), ("none", 2, 20.0), ("yarn", 1, 10.0), ("yarn", 2, 14.0)]
     ]
+    fit = {"model": "b", "method": "logit_scale", "context_factor": None, "metric": "logit_scale_c", "value": -0.25}
+    rows.append(fit | {"n": 4, "tokens": 512, "source": "web", "boundary": "low"})
     rows += [
         {
             "model": "a",
@@ -251,6 +392,8 @@ def test_report_files(tmp_path):
             assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = files["results.md"].read_text()
     assert "| a | yarn | 10.000 | 14.000 |" in table and "| a | none | 50.0 | 25.0 |" in table
+    assert "- a: 2 documents at every length; tokens 128 (1x) / 256 (2x)" in table
+    assert "| b | -0.2500 | web: 4 documents, 512 tokens | at the low end of the interval" in table
     assert len(files["results.csv"].read_text().splitlines()) == len(rows) + 1
 
 

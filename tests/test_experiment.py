@@ -166,7 +166,6 @@ eval:
   perplexity: {{documents: 2}}
   logit_scale: {{documents: 2}}
   niah:
-    haystack: ["${{corpus.path}}/heldout/web"]
     trials: 2
     tasks: [standard, multi_key]
     depths: [0.5]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nopetrain.config import ModelConfig
+from nopetrain.eval import logit_scale
 from nopetrain.export import main
 from nopetrain.model import KVCache, Transformer
 from tests.helpers import REPO, build_corpus, corpus_overrides, run_train, subprocess_env
@@ -204,8 +205,10 @@ def test_drope_checkpoints_before_and_after_the_switch(drope_run, tmp_path):
 
     # A logit scale fitted by the evaluation (beside the checkpoint) is exported and applied by the shipped code:
     # the test inputs (24 tokens) are 3x the context of 8 it is written for.
-    fitted = {"coef": 0.4, "train_context": 8, "lengths": [16], "ppl": [1.0], "ppl_unscaled": [1.0]}
-    (after / "logit_scale.json").write_text(json.dumps(fitted))
+    documents = [{"source": "heldout/web", "documents": 1, "tokens": 16}]
+    logit_scale.write(
+        after / logit_scale.FILE, logit_scale.FittedScale(0.4, 8, [16], [1.0], [1.0], -0.4, 2.0, None, documents)
+    )
     config = json.loads((export(after, tmp_path / "scaled") / "config.json").read_text())
     assert (config["logit_scale_coef"], config["train_context"]) == (0.4, 8)
     hf = load_hf(tmp_path / "scaled", trust_remote_code=True)

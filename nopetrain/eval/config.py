@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
 from nopetrain.config import ConfigError
 from nopetrain.eval.rope_scaling import METHODS as ROPE_METHODS
+from nopetrain.eval.rope_scaling import YARN_RAMPS
 
 NIAH_TASKS = ("standard", "multi_key", "multi_query", "multi_value")
 
@@ -21,12 +24,16 @@ class RopeScalingConfig:
     yarn_alpha: float = 1.0
     yarn_beta: float = 32.0
     yarn_temperature_coef: float = 0.1
+    # dimension: YaRN's ramp linear over the dimension index, as transformers and the YaRN authors' code (what
+    # published YaRN numbers use); rotations: linear over the rotations per training context (the paper's equation).
+    yarn_ramp: str = "dimension"
 
 
 @dataclass
 class PerplexityConfig:
     enabled: bool = True
-    # Held-out documents per length (the first ones at least that long); fewer is said in one line.
+    # Held-out documents, the same at every length: the first ones longer than the longest length, cut to each;
+    # fewer is said in one line.
     documents: int = 16
     # Position buckets in tokens; null: one training context per bucket.
     bucket: int | None = None
@@ -42,9 +49,9 @@ class NiahConfig:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     # Needles of the multi-* tasks (the paper: four), at random positions.
     needles: int = 4
-    # Held-out prose the haystacks are cut from (lines in the look-up format left out), tokenized with the models'
-    # tokenizer.
-    haystack: list[str] = field(default_factory=lambda: ["data/default/heldout/web"])
+    # The held-out sources (folder names among `heldout`) whose prose the haystacks are cut from, lines in the look-up
+    # format left out; only their documents that the logit-scale fit does not use (see logit_scale.sources).
+    haystack: list[str] = field(default_factory=lambda: ["web"])
     # Decoding stops after the expected answer's length in tokens + 2, at most this, or once the answer is complete.
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -56,11 +63,16 @@ class LogitScaleConfig:
     enabled: bool = True
     # Fit again even when the checkpoint already has logit_scale.json.
     refit: bool = False
-    # Search interval for c and the final bracket width.
-    low: float = 0.0
+    # Search interval for c (c < 0, i.e. beta < 1, is legitimate; low must keep beta > 0 at the largest factor:
+    # low > -1 / ln(max factor), -0.48 at 8x) and the final bracket width; an optimum within the tolerance of an end
+    # is reported as a boundary hit.
+    low: float = -0.4
     high: float = 2.0
     tolerance: float = 0.005
-    # Held-out documents per target length for the fit (taken from the end of the document list).
+    # The held-out sources the fit uses, by folder name among `heldout` (prose: web). Their documents 0, 2, 4, ...
+    # are the fit's and 1, 3, 5, ... the report's, so the fit never sees a text the report scores.
+    sources: list[str] = field(default_factory=lambda: ["web"])
+    # Documents per fit source, the same ones at every target length (the first long enough for the longest).
     documents: int = 8
 
 
@@ -106,6 +118,7 @@ def validate(cfg: EvalConfig) -> None:
     """Raises ConfigError naming the first bad key."""
     _require((cfg.checkpoint is None) != (not cfg.models), "set exactly one of checkpoint=PATH and +models.NAME=PATH")
     _require(bool(cfg.heldout), "heldout is empty; name at least one held-out source")
+    names = [Path(path).name for path in cfg.heldout]
     _require(bool(cfg.factors) and all(f >= 1 for f in cfg.factors), f"factors={list(cfg.factors)} must be >= 1")
     _require(cfg.train_context is None or cfg.train_context > 0, f"train_context={cfg.train_context} must be > 0")
     _require(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} must be auto, cpu or cuda")
@@ -116,10 +129,16 @@ def validate(cfg: EvalConfig) -> None:
         f"rope_scaling.yarn_alpha={cfg.rope_scaling.yarn_alpha} must be >= 0 and < "
         f"rope_scaling.yarn_beta={cfg.rope_scaling.yarn_beta}",
     )
+    _require(
+        cfg.rope_scaling.yarn_ramp in YARN_RAMPS,
+        f"rope_scaling.yarn_ramp={cfg.rope_scaling.yarn_ramp!r} must be one of {YARN_RAMPS}",
+    )
     for key in ("documents", "batch_size"):
         value = getattr(cfg.perplexity, key)
         _require(value > 0, f"perplexity.{key}={value} must be positive")
     _require(cfg.perplexity.bucket is None or cfg.perplexity.bucket > 0, "perplexity.bucket must be positive or null")
+    for name in cfg.niah.haystack if cfg.niah.enabled else []:
+        _require(name in names, f"niah.haystack has {name!r}, not a heldout source's folder name ({names})")
     _require(not cfg.niah.enabled or bool(cfg.niah.haystack), "niah.haystack is empty; name a held-out prose source")
     for task in cfg.niah.tasks:
         _require(task in NIAH_TASKS, f"niah.tasks has {task!r}; choose from {NIAH_TASKS}")
@@ -132,8 +151,19 @@ def validate(cfg: EvalConfig) -> None:
     )
     scale = cfg.logit_scale
     _require(scale.low < scale.high, f"logit_scale.low={scale.low} must be < logit_scale.high={scale.high}")
+    # beta = 1 + c ln(s) must stay positive at the largest factor, or the fit would try inverted attention.
+    floor = -1 / math.log(max(cfg.factors)) if max(cfg.factors) > 1 else -math.inf
+    _require(
+        scale.low > floor,
+        f"logit_scale.low={scale.low} must be > {floor:.4f} (-1 / ln {max(cfg.factors)}), so that beta = 1 + c ln s "
+        "stays positive at every factor",
+    )
     _require(scale.tolerance > 0, f"logit_scale.tolerance={scale.tolerance} must be positive")
     _require(scale.documents > 0, f"logit_scale.documents={scale.documents} must be positive")
+    _require(
+        not scale.enabled or (bool(scale.sources) and all(name in names for name in scale.sources)),
+        f"logit_scale.sources={list(scale.sources)} must name held-out sources by folder name, from {names}",
+    )
     _require(
         cfg.wandb.mode in ("online", "offline", "disabled"),
         f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,8 @@ from nopetrain.data_pipelines.encoders import sha256_file
 from nopetrain.eval import logit_scale, niah
 from nopetrain.eval.config import EvalConfig, validate
 from nopetrain.eval.models import LoadedModel, apply_logit_scale, load_model
-from nopetrain.eval.perplexity import long_documents, perplexity
+from nopetrain.eval.perplexity import perplexity, same_documents
+from nopetrain.eval.report import FIT_METRIC
 from nopetrain.eval.rope_scaling import RopeScaling
 
 log = logging.getLogger("nopetrain.eval")
@@ -28,15 +30,32 @@ ANSWER_SLACK = 2
 Trial = tuple[float | None, niah.NeedleTask, list[int]]
 
 
-def heldout_documents(paths: list[str], vocab_size: int, tokenizer_sha256: str) -> list[np.ndarray]:
-    """The documents of all held-out sources, checked to be tokenized with the model's tokenizer."""
-    documents = []
+def heldout_documents(paths: list[str], vocab_size: int, tokenizer_sha256: str) -> dict[str, list[np.ndarray]]:
+    """The documents of each held-out source (path -> documents), checked to be tokenized with the model's
+    tokenizer."""
+    sources = {}
     for path in paths:
         found, tokenizer = read_documents(path, vocab_size)
         if tokenizer.get("sha256") not in (None, tokenizer_sha256):
             raise ConfigError(f"heldout source {path} was tokenized with {tokenizer.get('path')}, not the model's")
-        documents += found
-    return documents
+        sources[path] = found
+    return sources
+
+
+def split_heldout(
+    sources: dict[str, list[np.ndarray]], fit_names: list[str]
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Per source, the documents the report scores (perplexity, NIAH haystacks) and those the logit scale is
+    fitted on: a source whose folder name is in `fit_names` gives its documents 0, 2, 4, ... to the fit and
+    1, 3, 5, ... to the report, so the two never share a text (whether or not a model needs a fit, so every
+    model of a report is scored on the same documents)."""
+    report, fit = {}, {}
+    for path, documents in sources.items():
+        if Path(path).name in fit_names:
+            fit[path], report[path] = documents[0::2], documents[1::2]
+        else:
+            report[path] = documents
+    return report, fit
 
 
 def model_specs(cfg: EvalConfig) -> dict[str, str]:
@@ -64,45 +83,60 @@ def methods_for(loaded: LoadedModel, cfg: EvalConfig) -> list[str]:
     return methods
 
 
-def fitted_scale(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> logit_scale.FittedScale | None:
+def fitted_scale(
+    loaded: LoadedModel, fit_sources: dict[str, list[np.ndarray]], cfg: EvalConfig
+) -> logit_scale.FittedScale | None:
     """The stored logit scale of the checkpoint, or a new fit (then stored) if there is none or refit is asked;
-    None when no held-out document is long enough to fit one."""
+    None when no held-out document of the fit's sources is long enough to fit one."""
     stored = logit_scale.read(loaded.scale_file)
     if stored is not None and not cfg.logit_scale.refit and stored.train_context == loaded.train_context:
         return stored
-    context = loaded.train_context
-    targets = {}
-    for factor in sorted({f for f in cfg.factors if f > 1}):
-        found = long_documents(documents, factor * context, cfg.logit_scale.documents, from_end=True)
-        if found:
-            targets[factor * context] = found
-    if not targets:
-        log.warning(
-            "%s: no held-out document is longer than %d tokens; no logit scale fitted", loaded.name, 2 * context
-        )
-        return None
+    context, scale = loaded.train_context, cfg.logit_scale
+    lengths = [factor * context for factor in sorted({f for f in cfg.factors if f > 1})]
     started = time.perf_counter()
     fitted = logit_scale.fit(
         loaded.model,
-        targets,
+        fit_sources,
+        lengths,
+        scale.documents,
         context,
-        cfg.logit_scale.low,
-        cfg.logit_scale.high,
-        cfg.logit_scale.tolerance,
+        scale.low,
+        scale.high,
+        scale.tolerance,
         cfg.perplexity.batch_size,
     )
+    if fitted is None:
+        log.warning(
+            "%s: no document of the logit-scale sources %s is longer than %d tokens; no logit scale fitted",
+            loaded.name,
+            list(fit_sources),
+            max(lengths),
+        )
+        return None
     logit_scale.write(loaded.scale_file, fitted)
     log.info(
-        "%s: fitted logit scale c=%.4f at lengths %s in %.1fs (ppl %s -> %s); stored in %s",
+        "%s: fitted logit scale %s in %.1fs (ppl %s -> %s); stored in %s",
         loaded.name,
-        fitted.coef,
-        fitted.lengths,
+        logit_scale.describe(fitted),
         time.perf_counter() - started,
         [round(p, 3) for p in fitted.ppl_unscaled],
         [round(p, 3) for p in fitted.ppl],
         loaded.scale_file,
     )
     return fitted
+
+
+def fit_row(fitted: logit_scale.FittedScale) -> Row:
+    """The fitted c as a report row, with the documents and tokens behind it and any boundary hit."""
+    return {
+        "method": "logit_scale",
+        "metric": FIT_METRIC,
+        "value": fitted.coef,
+        "n": sum(d["documents"] for d in fitted.documents),
+        "tokens": sum(d["tokens"] for d in fitted.documents),
+        "source": "+".join(Path(d["source"]).name for d in fitted.documents),
+        "boundary": fitted.boundary or "",
+    }
 
 
 def configure(loaded: LoadedModel, method: str, factor: int, cfg: EvalConfig, coef: float) -> None:
@@ -118,26 +152,45 @@ def configure(loaded: LoadedModel, method: str, factor: int, cfg: EvalConfig, co
             scaling.yarn_alpha,
             scaling.yarn_beta,
             scaling.yarn_temperature_coef,
+            scaling.yarn_ramp,
         )
 
 
-def perplexity_rows(loaded: LoadedModel, documents: list[np.ndarray], length: int, cfg: EvalConfig) -> list[Row]:
-    found = long_documents(documents, length, cfg.perplexity.documents)
-    if len(found) < cfg.perplexity.documents:
+def scored_documents(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> dict[int, list[np.ndarray]]:
+    """Per length, the documents perplexity scores there: the same ones at every length (long enough for the
+    largest factor, cut to each length)."""
+    lengths = [factor * loaded.train_context for factor in cfg.factors]
+    found = same_documents(documents, lengths, cfg.perplexity.documents)
+    count = len(found[max(lengths)])
+    if count < cfg.perplexity.documents:
         log.warning(
-            "%s: perplexity at %d tokens: only %d of the %d documents asked for (perplexity.documents) are longer",
+            "%s: perplexity: only %d of the %d documents asked for (perplexity.documents) are longer than %d tokens, "
+            "which factor %d needs; every length uses these %d",
             loaded.name,
-            length,
-            len(found),
+            count,
             cfg.perplexity.documents,
+            max(lengths),
+            max(cfg.factors),
+            count,
         )
-    if not found:
+    return found
+
+
+def perplexity_rows(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> list[Row]:
+    """Perplexity overall and per position bucket of `documents` (each L + 1 tokens), with documents and tokens."""
+    if not documents:
         return []
     bucket = cfg.perplexity.bucket or loaded.train_context
-    result = perplexity(loaded.model, found, bucket, cfg.perplexity.batch_size)
-    rows = [{"metric": "ppl", "value": result.ppl, "n": result.documents}]
+    result = perplexity(loaded.model, documents, bucket, cfg.perplexity.batch_size)
+    rows = [{"metric": "ppl", "value": result.ppl, "n": result.documents, "tokens": result.tokens}]
     rows += [
-        {"metric": "ppl_bucket", "position": first, "value": value, "n": result.documents}
+        {
+            "metric": "ppl_bucket",
+            "position": first,
+            "value": value,
+            "n": result.documents,
+            "tokens": result.documents * min(bucket, result.length - first),
+        }
         for first, value in result.buckets
     ]
     return rows
@@ -201,15 +254,21 @@ def niah_rows(loaded: LoadedModel, haystacks: list[np.ndarray], length: int, cfg
 
 
 def evaluate_model(
-    loaded: LoadedModel, documents: list[np.ndarray], haystacks: list[np.ndarray], cfg: EvalConfig
+    loaded: LoadedModel,
+    documents: list[np.ndarray],
+    haystacks: list[np.ndarray],
+    fit_sources: dict[str, list[np.ndarray]],
+    cfg: EvalConfig,
 ) -> list[Row]:
-    """Rows for one loaded model: every method at every length (NIAH's haystacks cut from `haystacks`)."""
+    """Rows for one loaded model: the fitted logit scale if it has one, then every method at every length (NIAH's
+    haystacks cut from `haystacks`)."""
     methods = methods_for(loaded, cfg)
-    fitted = fitted_scale(loaded, documents, cfg) if "logit_scale" in methods else None
+    fitted = fitted_scale(loaded, fit_sources, cfg) if "logit_scale" in methods else None
     if fitted is None and "logit_scale" in methods:
         methods.remove("logit_scale")
     coef = fitted.coef if fitted is not None else 0.0
-    rows = []
+    rows = [] if fitted is None else [{"model": loaded.name, "context_factor": None, **fit_row(fitted)}]
+    scored = scored_documents(loaded, documents, cfg) if cfg.perplexity.enabled else {}
     for method in methods:
         for factor in cfg.factors:
             length = factor * loaded.train_context
@@ -217,7 +276,7 @@ def evaluate_model(
             started = time.perf_counter()
             found = []
             if cfg.perplexity.enabled:
-                found += perplexity_rows(loaded, documents, length, cfg)
+                found += perplexity_rows(loaded, scored[length], cfg)
             if cfg.niah.enabled:
                 found += niah_rows(loaded, haystacks, length, cfg)
             common = {"model": loaded.name, "method": method, "context_factor": factor, "context_len": length}
@@ -241,15 +300,18 @@ def evaluate_model(
 
 def evaluate(cfg: EvalConfig) -> list[Row]:
     """Evaluates every model the config names; returns long-format rows: model, method, context_factor,
-    context_len, metric (ppl, ppl_bucket, niah), value, n (documents or trials), and where they apply position
-    (first position of a ppl bucket), task and depth (NIAH; rows without depth are the task's mean)."""
+    context_len, metric (ppl, ppl_bucket, niah, logit_scale_c), value, n (documents or trials), tokens (ppl and the
+    fit), and where they apply position (first position of a ppl bucket), task and depth (NIAH; rows without depth
+    are the task's mean), source and boundary (the fit: its held-out sources and "low"/"high" for an optimum at an
+    end of the search interval)."""
     validate(cfg)
     device = device_for(cfg.device)
     rows = []
     for name, spec in model_specs(cfg).items():
         loaded = load_model(name, spec, cfg.train_context, device)
-        vocab, tokenizer_sha256 = loaded.model.config.vocab_size, sha256_file(loaded.tokenizer_path)
-        documents = heldout_documents(cfg.heldout, vocab, tokenizer_sha256)
-        haystacks = heldout_documents(cfg.niah.haystack, vocab, tokenizer_sha256) if cfg.niah.enabled else []
-        rows += evaluate_model(loaded, documents, haystacks, cfg)
+        sources = heldout_documents(cfg.heldout, loaded.model.config.vocab_size, sha256_file(loaded.tokenizer_path))
+        report, fit_sources = split_heldout(sources, cfg.logit_scale.sources if cfg.logit_scale.enabled else [])
+        documents = [document for found in report.values() for document in found]
+        haystacks = [d for path, found in report.items() if Path(path).name in cfg.niah.haystack for d in found]
+        rows += evaluate_model(loaded, documents, haystacks, fit_sources, cfg)
     return rows

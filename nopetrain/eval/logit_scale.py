@@ -1,9 +1,11 @@
 """DroPE's logit scale for long inputs: beta = 1 + c ln(s), s = max(1, input length / training context).
 
-c is fitted by minimising the mean log-perplexity of held-out documents at the target lengths (a grid over
-[low, high], then golden-section search around its best point), stored beside the checkpoint as
-logit_scale.json (with the lengths and perplexities it was fitted on) and applied through
-`ModelConfig.logit_scale_coef`, so evaluation, generation and exports all see it.
+c is fitted by minimising the mean log-perplexity of held-out documents at the target lengths (the same documents
+at each, see `perplexity.same_documents`; a grid over [low, high], then golden-section search around its best
+point), stored beside the checkpoint as logit_scale.json (with the documents, lengths and perplexities it was
+fitted on, and whether the optimum is at an end of the interval) and applied through
+`ModelConfig.logit_scale_coef`, so evaluation, generation and exports all see it. c < 0 (beta < 1, flatter
+attention at long inputs) is a legitimate optimum, so the default interval includes negative values.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from nopetrain.config import ConfigError
 from nopetrain.data_pipelines.atomic import write_bytes
-from nopetrain.eval.perplexity import perplexity
+from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.model import Transformer
 
 FILE = "logit_scale.json"
@@ -34,6 +36,13 @@ class FittedScale:
     # Held-out perplexity at each length with the fitted c, and with c = 0.
     ppl: list[float]
     ppl_unscaled: list[float]
+    # The search interval, and "low" or "high" when the optimum is within the tolerance of that end (the best c
+    # may then lie beyond it), else None.
+    low: float
+    high: float
+    boundary: str | None
+    # What it was fitted on, per held-out source: {"source": path, "documents": n, "tokens": n x longest length}.
+    documents: list[dict]
 
 
 def read(path: Path) -> FittedScale | None:
@@ -73,24 +82,59 @@ def minimise(objective: Callable[[float], float], low: float, high: float, toler
 
 def fit(
     model: Transformer,
-    documents: dict[int, list[np.ndarray]],
+    sources: dict[str, list[np.ndarray]],
+    lengths: list[int],
+    count: int,
     train_context: int,
     low: float,
     high: float,
     tolerance: float,
     batch_size: int,
-) -> FittedScale:
-    """Fits c for `model` on held-out `documents` per target length (from perplexity.long_documents)."""
+) -> FittedScale | None:
+    """Fits c for `model` at `lengths` on up to `count` documents of each held-out source (path -> documents), the
+    same ones at every length; None when no document is longer than the longest length."""
+    chosen = {source: same_documents(documents, lengths, count) for source, documents in sources.items()}
+    used = [
+        {
+            "source": source,
+            "documents": len(by_length[max(lengths)]),
+            "tokens": len(by_length[max(lengths)]) * max(lengths),
+        }
+        for source, by_length in chosen.items()
+        if by_length[max(lengths)]
+    ]
+    if not used:
+        return None
+    targets = {length: [d for by_length in chosen.values() for d in by_length[length]] for length in lengths}
     cfg = model.config
-    lengths = sorted(documents)
 
     def ppl_at(coef: float) -> list[float]:
         cfg.logit_scale_coef, cfg.train_context = coef, train_context
-        return [perplexity(model, documents[length], train_context, batch_size).ppl for length in lengths]
+        return [perplexity(model, targets[length], train_context, batch_size).ppl for length in lengths]
 
     def objective(coef: float) -> float:
         return float(np.mean(np.log(ppl_at(coef))))
 
     unscaled = ppl_at(0.0)
     coef = minimise(objective, low, high, tolerance)
-    return FittedScale(coef, train_context, lengths, ppl_at(coef), unscaled)
+    boundary = end_hit(coef, low, high, tolerance)
+    return FittedScale(coef, train_context, lengths, ppl_at(coef), unscaled, low, high, boundary, used)
+
+
+def end_hit(coef: float, low: float, high: float, tolerance: float) -> str | None:
+    """ "low" or "high" when `coef` is within `tolerance` of that end of [low, high]: the search then cannot tell
+    the optimum from the end, which may hide a better c beyond it."""
+    if coef - low <= tolerance:
+        return "low"
+    return "high" if high - coef <= tolerance else None
+
+
+def describe(fitted: FittedScale) -> str:
+    """Where c lies in its search interval and what it was fitted on, for the log and the report."""
+    where = f"in [{fitted.low:g}, {fitted.high:g}]"
+    if fitted.boundary is not None:
+        where += f", at its {fitted.boundary} end: the best c may lie beyond (widen logit_scale.{fitted.boundary})"
+    on = "; ".join(
+        f"{Path(d['source']).name}: {d['documents']} documents, {d['tokens']} tokens" for d in fitted.documents
+    )
+    return f"c={fitted.coef:.4f} {where}, fitted at lengths {fitted.lengths} on {on}"

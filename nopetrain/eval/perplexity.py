@@ -2,7 +2,8 @@
 
 Only documents longer than L are used (L inputs at positions 0..L-1 and the L tokens that follow them), so every
 position is a real position in its document: perplexity at position p measures what the model makes of p tokens
-of context, which is the question length generalisation asks.
+of context, which is the question length generalisation asks. Lengths are compared on the same documents
+(`same_documents`: long enough for the longest, cut to each), so a column differs from the next in length only.
 """
 
 from __future__ import annotations
@@ -21,21 +22,29 @@ from nopetrain.model import Transformer
 class Perplexity:
     length: int
     documents: int
+    # Tokens predicted: documents x length.
+    tokens: int
     ppl: float
     # (first position, perplexity) per bucket of positions.
     buckets: list[tuple[int, float]]
 
 
-def long_documents(documents: list[np.ndarray], length: int, count: int, from_end: bool = False) -> list[np.ndarray]:
-    """Up to `count` documents with more than `length` tokens, from the start of the list (or its end)."""
-    ordered = reversed(documents) if from_end else iter(documents)
+def long_documents(documents: list[np.ndarray], length: int, count: int) -> list[np.ndarray]:
+    """The first `count` (or fewer) documents with more than `length` tokens, cut to `length` + 1."""
     found = []
-    for document in ordered:
+    for document in documents:
         if len(document) > length:
             found.append(document[: length + 1])
             if len(found) == count:
                 break
     return found
+
+
+def same_documents(documents: list[np.ndarray], lengths: list[int], count: int) -> dict[int, list[np.ndarray]]:
+    """The first `count` (or fewer) documents longer than the longest of `lengths`, cut to each length: every
+    length scores the same texts."""
+    longest = long_documents(documents, max(lengths), count)
+    return {length: [document[: length + 1] for document in longest] for length in lengths}
 
 
 @torch.no_grad()
@@ -56,4 +65,4 @@ def perplexity(model: Transformer, documents: list[np.ndarray], bucket: int, bat
     nll = position_nll(model, documents, batch_size) / len(documents)
     length = len(nll)
     buckets = [(first, math.exp(nll[first : first + bucket].mean().item())) for first in range(0, length, bucket)]
-    return Perplexity(length, len(documents), math.exp(nll.mean().item()), buckets)
+    return Perplexity(length, len(documents), length * len(documents), math.exp(nll.mean().item()), buckets)

@@ -12,7 +12,23 @@ from typing import Any
 
 from nopetrain.data_pipelines.atomic import write_bytes
 
-COLUMNS = ("model", "method", "context_factor", "context_len", "metric", "task", "depth", "position", "value", "n")
+COLUMNS = (
+    "model",
+    "method",
+    "context_factor",
+    "context_len",
+    "metric",
+    "task",
+    "depth",
+    "position",
+    "value",
+    "n",
+    "tokens",
+    "source",
+    "boundary",
+)
+# The metric of the row that carries a model's fitted logit-scale coefficient c (no length: one per model).
+FIT_METRIC = "logit_scale_c"
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -37,8 +53,39 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(cells) + " |" for cells in body]
 
 
+def _perplexity_support(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model, the documents and tokens behind its perplexity cells (the same for every method)."""
+    lines = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        cells = {r["context_factor"]: (r["n"], r["tokens"]) for r in rows if r["model"] == model}
+        counts = {n for n, _ in cells.values()}
+        documents = f"{counts.pop()} documents at every length" if len(counts) == 1 else "documents per length vary"
+        tokens = " / ".join(f"{tokens} ({factor}x)" for factor, (_, tokens) in sorted(cells.items()))
+        lines.append(f"- {model}: {documents}; tokens {tokens}")
+    return lines
+
+
+def _fit_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The fitted logit scale of each model, what it was fitted on, and whether it is at an end of the interval."""
+    body = [
+        [
+            row["model"],
+            f"{row['value']:.4f}",
+            f"{row['source']}: {row['n']} documents, {row['tokens']} tokens",
+            f"at the {row['boundary']} end of the interval (the best c may lie beyond)"
+            if row["boundary"]
+            else "inside the interval",
+        ]
+        for row in rows
+    ]
+    return _table(["model", "c", "fitted on (held out, not scored above)", "optimum"], body)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Perplexity by length, and per NIAH task the success rate (%) by length, one line per model and method."""
+    """Perplexity by length (with the documents and tokens behind it), per NIAH task the success rate (%) by
+    length, one line per model and method, and the fitted logit scales."""
+    fits = [row for row in rows if row["metric"] == FIT_METRIC]
+    rows = [row for row in rows if row["metric"] != FIT_METRIC]
     factors = _factors(rows)
     lengths = {row["context_factor"]: row["context_len"] for row in rows}
     cell: dict[tuple, float] = {}
@@ -58,6 +105,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 body.append([model, method, *("-" if v is None else fmt.format(v * scale) for v in values)])
         if body:
             out += [f"## {title}", "", *_table(header, body), ""]
+            if metric == "ppl":
+                out += [*_perplexity_support([row for row in rows if row["metric"] == "ppl"]), ""]
+    if fits:
+        out += ["## Logit scale", "", *_fit_table(fits), ""]
     return "\n".join(out)
 
 
@@ -84,6 +135,7 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     from matplotlib import pyplot as plt
 
     written = []
+    rows = [row for row in rows if row["metric"] != FIT_METRIC]
     series = _series(rows)
     ppl = [row for row in rows if row["metric"] == "ppl"]
     if ppl:

@@ -2,10 +2,15 @@
 
 - `pi` (position interpolation): gamma_m = 1/s.
 - `ntk` (NTK-aware): gamma_m = s^(-2m/(d-2)), m = 0..d/2-1, i.e. the base theta becomes theta * s^(d/(d-2)).
-- `yarn`: gamma_m = (1 - kappa_m)/s + kappa_m, where kappa_m ramps from 0 to 1 as r_m, the number of full
-  rotations frequency m makes over the training context (C_train w_m / 2 pi), goes from p (`alpha`) to q (`beta`);
-  plus its attention temperature: the logits are multiplied by (temperature_coef ln s + 1)^2 (YaRN scales q and
-  k by sqrt(1/t) = 0.1 ln s + 1 each).
+- `yarn`: gamma_m = (1 - kappa_m)/s + kappa_m, where kappa_m (1: frequency kept, 0: interpolated) ramps between
+  the frequencies that make p (`alpha`) and q (`beta`) full rotations over the training context
+  (r_m = C_train w_m / 2 pi). `yarn_ramp` says over what the ramp is linear:
+  `dimension` (default): over the index m, between the correction dimensions of q and p rounded outwards (floor,
+  ceil), as Hugging Face transformers (`rope_type: yarn`) and the YaRN authors' code do, i.e. what published YaRN
+  numbers were measured with; `rotations`: over r_m itself, kappa_m = clamp((r_m - p) / (q - p), 0, 1), the
+  paper's equation. Plus its attention temperature: the logits of the layers that rotate are multiplied by
+  (temperature_coef ln s + 1)^2 (transformers scales cos and sin by 0.1 ln s + 1 each, so NoPE layers of a mixed
+  model are untouched).
 - `dynamic_ntk`: `ntk` with s = max(1, input length / C_train), recomputed on every forward.
 
 s is `factor` for the static methods (the evaluator sets it to target length / C_train) and follows the input
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("pi", "ntk", "yarn", "dynamic_ntk")
+YARN_RAMPS = ("dimension", "rotations")
 
 
 @dataclass(frozen=True)
@@ -32,10 +38,13 @@ class RopeScaling:
     alpha: float = 1.0
     beta: float = 32.0
     temperature_coef: float = 0.1
+    yarn_ramp: str = "dimension"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"rope scaling method {self.method!r} must be one of {METHODS}")
+        if self.yarn_ramp not in YARN_RAMPS:
+            raise ValueError(f"yarn_ramp {self.yarn_ramp!r} must be one of {YARN_RAMPS}")
 
     def scale(self, seq_len: int) -> float:
         """The extension factor s for an input of `seq_len` tokens."""
@@ -58,10 +67,28 @@ def frequency_factors(scaling: RopeScaling, head_dim: int, theta: float, seq_len
     elif scaling.method in ("ntk", "dynamic_ntk"):
         gamma = s ** (-2.0 * m / (head_dim - 2))
     else:
-        rotations = scaling.train_context * base_frequencies(head_dim, theta).double() / (2 * math.pi)
-        kappa = ((rotations - scaling.alpha) / (scaling.beta - scaling.alpha)).clamp(0.0, 1.0)
+        kappa = yarn_kept_fraction(scaling, head_dim, theta)
         gamma = (1.0 - kappa) / s + kappa
     return gamma.float()
+
+
+def yarn_kept_fraction(scaling: RopeScaling, head_dim: int, theta: float) -> torch.Tensor:
+    """YaRN's kappa_m (fp64): 1 for frequencies making at least q rotations over the training context, 0 for those
+    making at most p, and linear in between over the dimension index or over the rotations (`yarn_ramp`)."""
+    if scaling.yarn_ramp == "rotations":
+        rotations = scaling.train_context * base_frequencies(head_dim, theta).double() / (2 * math.pi)
+        return ((rotations - scaling.alpha) / (scaling.beta - scaling.alpha)).clamp(0.0, 1.0)
+
+    def dimension_of(rotations: float) -> float:
+        """The (fractional) index m whose frequency makes `rotations` full turns over the training context."""
+        return head_dim * math.log(scaling.train_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    first = max(math.floor(dimension_of(scaling.beta)), 0)
+    last = min(math.ceil(dimension_of(scaling.alpha)), head_dim - 1)
+    # transformers widens an empty ramp by 0.001 rather than divide by zero; so do we, to stay equal to it.
+    width = max(last - first, 0.001)
+    m = torch.arange(head_dim // 2, dtype=torch.float64)
+    return 1.0 - ((m - first) / width).clamp(0.0, 1.0)
 
 
 def inverse_frequencies(

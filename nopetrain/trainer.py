@@ -92,9 +92,10 @@ def changes_the_past(key: str) -> bool:
 def passed_plan(plan: Plan, step: int) -> str:
     """What the first `step` steps of `plan` ran: each phase begun (its steps up to `step`, sequence length, batch,
     weights) and the DroPE switch if it came before."""
+    # Weights sorted by source: a saved config's sources come back from trainer_state.json in sorted order.
     done = [
         f"{phase.name} steps {phase.start + 1}-{min(phase.end, step)} seq_len {phase.seq_len} batch "
-        f"{phase.global_batch_size} weights {phase.weights}"
+        f"{phase.global_batch_size} weights {dict(sorted(phase.weights.items()))}"
         for phase in plan.phases
         if phase.start < step
     ]

@@ -7,6 +7,10 @@ Layout under `<run.dir>/checkpoints/`:
     checksums.json           size and sha256 of every file above (rank 0, last)
   latest                     the newest complete tag, for tools that follow DeepSpeed's convention
 
+A resume from a checkpoint older than the newest one is a rewind: refused unless `checkpoint.rewind=true`, which
+moves the newer checkpoints into `<run.dir>/rewound/<UTC time>/checkpoints/` (see trainer.set_aside_later_steps).
+Pruning (`keep`) only removes checkpoints older than the one just saved.
+
 Every rank writes into `.incomplete-step_N/`; only after all ranks are done does rank 0 record the checksums and
 rename it to `step_N`, so a crash mid-save leaves the previous checkpoints untouched and `resume=auto` never sees a
 partial one. A checkpoint damaged after publishing (a truncated copy, a full disk) fails its checksums: `resume=auto`
@@ -63,6 +67,11 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory named by tag_for."""
+    return int(TAG_PATTERN.match(path.name).group(1))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -202,21 +211,45 @@ def save(
             # A resumed run that passes a step it had saved before replaces that checkpoint.
             shutil.rmtree(final)
         os.replace(staging, final)
-        _write_text_atomic(root / "latest", tag)
-        for old in complete_checkpoints(root)[:-keep]:
+        # Only checkpoints older than this one: newer ones (left by a resume=auto that skipped them as damaged) stay
+        # until the run saves their step again, and the one it resumed from stays while it is the newest.
+        older = [path for path in complete_checkpoints(root) if path.name < tag]
+        for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+        write_latest(root)
     dist.barrier()
     return final
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+def write_latest(root: Path) -> None:
+    """Points `latest` at the newest complete checkpoint under root (removes it when there is none)."""
+    found = complete_checkpoints(root)
+    if found:
+        _write_text_atomic(root / "latest", found[-1].name)
+    else:
+        (root / "latest").unlink(missing_ok=True)
+
+
+def set_aside_newer(root: Path, step: int, folder: Path) -> list[str]:
+    """Moves the complete checkpoints under root newer than `step` into folder (rank 0); returns their names."""
+    newer = [path for path in complete_checkpoints(root) if step_of(path) > step]
+    if newer:
+        folder.mkdir(parents=True)
+        for path in newer:
+            os.replace(path, folder / path.name)
+        write_latest(root)
+    return [path.name for path in newer]
+
+
+def resolve_resume(resume: str, run_dir: str | Path, rewind: bool) -> Path | None:
     """The checkpoint to resume from: `auto` -> newest intact one in run_dir (or None when it has none), `none` ->
     None (refused when run_dir already holds checkpoints, so nothing is overwritten), else that checkpoint directory,
-    refused unless intact. Rank 0 verifies (see find_damage) and tells the other ranks."""
+    refused unless intact, and refused unless `rewind` when run_dir holds newer checkpoints. Rank 0 verifies (see
+    find_damage) and tells the other ranks."""
     outcome: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            outcome[0] = _choose_checkpoint(resume, checkpoint_root(run_dir))
+            outcome[0] = _choose_checkpoint(resume, checkpoint_root(run_dir), rewind)
         except ConfigError as err:
             outcome[0] = err
     dist.broadcast_object_list(outcome, src=0)
@@ -225,7 +258,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return outcome[0]
 
 
-def _choose_checkpoint(resume: str, root: Path) -> Path | None:
+def _choose_checkpoint(resume: str, root: Path, rewind: bool) -> Path | None:
     found = complete_checkpoints(root)
     if resume == "auto":
         skipped = []
@@ -256,6 +289,14 @@ def _choose_checkpoint(resume: str, root: Path) -> Path | None:
     damage = find_damage(path)
     if damage is not None:
         raise ConfigError(f"checkpoint.resume={resume}: {damage}")
+    step = read_trainer_state(path)["step"]
+    newer = [found_path.name for found_path in found if step_of(found_path) > step]
+    if newer and not rewind:
+        raise ConfigError(
+            f"checkpoint.resume={resume} is step {step} but {root} holds newer checkpoints ({', '.join(newer)}); "
+            f"set checkpoint.rewind=true to continue from step {step}, which moves them and the metrics rows after "
+            f"step {step} into {root.parent / 'rewound'}/<UTC time>/"
+        )
     return path
 
 

@@ -181,6 +181,9 @@ class CheckpointConfig:
     # auto: continue from the newest complete checkpoint of run.dir if there is one; none: start fresh (refused
     # if run.dir already has checkpoints); or a path to a checkpoint directory.
     resume: str = "auto"
+    # A resume from a checkpoint older than the newest in run.dir is refused unless this is set; then the newer
+    # checkpoints and the metrics rows after the resumed step are moved into run.dir/rewound/<UTC time>/.
+    rewind: bool = False
 
 
 @dataclass

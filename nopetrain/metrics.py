@@ -34,6 +34,8 @@ PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
 ]
 
 
+METRICS_FILE = "metrics.jsonl"
+
 # The console line; everything else (per-source counters, skipped steps, ...) goes to W&B and metrics.jsonl.
 CONSOLE_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "memory_gib", "phase")
 
@@ -83,7 +85,7 @@ class MetricsLogger:
         self.jsonl = None
         if not enabled:
             return
-        self.jsonl = open(Path(cfg.run.dir) / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.jsonl = open(Path(cfg.run.dir) / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
         self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None)
         if cfg.wandb.mode != "disabled":
             import wandb
@@ -142,6 +144,28 @@ class MetricsLogger:
             self.bar.close()
         if self.run is not None:
             self.run.finish()
+
+
+def set_aside_rows(run_dir: Path, step: int, folder: Path) -> int:
+    """Moves the rows of run_dir/metrics.jsonl that come after `step` into folder/metrics.jsonl, so that a run
+    resumed at `step` appends to a history that ends there; returns how many rows moved."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return 0
+    kept, later = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        row = json.loads(line)
+        # A step's metrics are logged after it; an event at step N (phase, DroPE) before step N + 1 runs.
+        after = row["step"] > step or (row["step"] == step and "event" in row)
+        (later if after else kept).append(line)
+    if later:
+        folder.mkdir(parents=True, exist_ok=True)
+        # The copy first: a crash between the two writes duplicates rows, never loses them.
+        (folder / METRICS_FILE).write_text("".join(later))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return len(later)
 
 
 def _fmt(value: float) -> str:

@@ -11,6 +11,7 @@ loop counts those skips and stops the run after `max_consecutive_nonfinite` of t
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import shutil
 import sys
@@ -31,7 +32,7 @@ from nopetrain.drope import drop_rope
 from nopetrain.eval.training import TrainingEval
 from nopetrain.hf import folder_model_config, load_hf_state_dict
 from nopetrain.kernels import set_backend as set_kernel_backend
-from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops
+from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops, set_aside_rows
 from nopetrain.model import count_parameters, lm_loss
 from nopetrain.ownership import die_with_torchrun_agent, own_run_dir
 from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
@@ -62,13 +63,90 @@ def setup_logging(rank: int, run_dir: Path) -> None:
     log.propagate = False
 
 
-def check_compatible(saved_model: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    current = dataclasses.asdict(cfg.model)
-    for key, value in current.items():
-        if key not in RUNTIME_MODEL_KEYS and saved_model.get(key) != value:
-            raise ConfigError(
-                f"model.{key}={value!r} but checkpoint {path} was trained with model.{key}={saved_model.get(key)!r}"
-            )
+# Keys that say how this invocation resumes and where the run now lives (a copied or moved run.dir), not what the
+# run is: never reported as changed.
+INVOCATION_KEYS = {"checkpoint.resume", "checkpoint.rewind", "stop_at_step", "run.dir"}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts as `a.b.c` keys (lists stay values)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changes_the_past(key: str) -> bool:
+    """Whether a resumed run with another value of `key` would no longer continue the steps already taken: the
+    model's shape, the seed (it orders the shards not read yet), what the data sources are. Phase lengths, weights,
+    sequence lengths and batch sizes are judged on the resolved plan instead (see passed_plan)."""
+    if key.startswith("model."):
+        return key.removeprefix("model.") not in RUNTIME_MODEL_KEYS
+    return key in ("seed", "data.kind", "data.successors_per_token") or (
+        key.startswith("data.sources.") and key.endswith(".path")
+    )
+
+
+def passed_plan(plan: Plan, step: int) -> str:
+    """What the first `step` steps of `plan` ran: each phase begun (its steps up to `step`, sequence length, batch,
+    weights) and the DroPE switch if it came before."""
+    # Weights sorted by source: a saved config's sources come back from trainer_state.json in sorted order.
+    done = [
+        f"{phase.name} steps {phase.start + 1}-{min(phase.end, step)} seq_len {phase.seq_len} batch "
+        f"{phase.global_batch_size} weights {dict(sorted(phase.weights.items()))}"
+        for phase in plan.phases
+        if phase.start < step
+    ]
+    if plan.drope_step is not None and plan.drope_step < step:
+        done.append(f"DroPE from step {plan.drope_step + 1}")
+    return "; ".join(done)
+
+
+def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, plan: Plan, path: Path) -> None:
+    """Compares the config of a resumed run with checkpoint `path`'s (`saved`: its trainer state). Raises ConfigError
+    naming the key and both values when a change would rewrite the steps already taken; logs the other changes in one
+    warning line."""
+    step = saved["step"]
+    old, new = flatten(saved["config"]), flatten(dataclasses.asdict(cfg))
+    changed = [key for key, value in new.items() if key not in INVOCATION_KEYS and old.get(key) != value]
+    for key in changed:
+        if changes_the_past(key):
+            raise ConfigError(f"{key}={new[key]!r} but checkpoint {path} was trained with {key}={old.get(key)!r}")
+    saved_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"]))
+    before, now = passed_plan(resolve(saved_cfg, saved["world_size"]), step), passed_plan(plan, step)
+    if before != now:
+        raise ConfigError(
+            f"the config changes the curriculum's first {step} steps, which checkpoint {path} has run: "
+            f"{before} -> {now}"
+        )
+    if changed:
+        log.warning(
+            "resuming from %s with a changed config (from step %d on): %s",
+            path,
+            step + 1,
+            ", ".join(f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in changed),
+        )
+
+
+def set_aside_later_steps(run_dir: Path, step: int, rewind: bool) -> None:
+    """Moves what run_dir holds beyond `step` into run_dir/rewound/<UTC time>/: the metrics rows logged after it and,
+    when rewinding, the newer checkpoints. The resumed run then appends to a history that ends at `step`; nothing is
+    deleted. Rank 0 only."""
+    folder = run_dir / "rewound" / datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    root = checkpoint.checkpoint_root(run_dir)
+    moved = checkpoint.set_aside_newer(root, step, folder / root.name) if rewind else []
+    rows = set_aside_rows(run_dir, step, folder)
+    if moved or rows:
+        log.warning(
+            "resuming at step %d: moved %s and %d metrics row(s) of later steps to %s",
+            step,
+            f"checkpoint(s) {', '.join(moved)}" if moved else "no checkpoint",
+            rows,
+            folder,
+        )
 
 
 def copy_tokenizer(record: dict[str, Any] | None, run_dir: Path) -> str | None:
@@ -143,9 +221,8 @@ class Trainer:
         self.accumulation = 0
         self.evaluator = TrainingEval(cfg) if cfg.eval.every else None
 
-    def resume(self, path: Path) -> None:
-        saved = checkpoint.read_trainer_state(path)
-        check_compatible(saved["config"]["model"], self.cfg, path)
+    def resume(self, path: Path, saved: dict[str, Any]) -> None:
+        """Continues from checkpoint `path` (`saved`: its trainer state, checked by check_resumed_config)."""
         if self.resize:
             log.info(
                 "checkpoint %s was written by %d process(es), this run has %d: loading DeepSpeed's universal form of "
@@ -178,13 +255,16 @@ class Trainer:
         self.engine.set_train_batch_size(phase.global_batch_size)
         self.accumulation = phase.global_batch_size // (self.cfg.micro_batch_size * self.env.world_size)
         weights = ", ".join(f"{name}={weight:.3g}" for name, weight in phase.weights.items())
-        self.metrics.mark(
-            self.state["step"],
-            "phase",
+        message = (
             f"phase {phase.name} ({self.plan.phases.index(phase) + 1}/{len(self.plan.phases)}), steps "
             f"{phase.start + 1}-{phase.end}: seq_len {phase.seq_len}, batch {phase.global_batch_size}"
-            + (f", weights {weights}" if weights else ""),
+            + (f", weights {weights}" if weights else "")
         )
+        if phase.start == self.state["step"]:
+            self.metrics.mark(phase.start, "phase", message)
+        else:
+            # Resumed inside the phase: its start is marked in metrics.jsonl already.
+            self.metrics.event(f"continuing {message}")
 
     def drop_positional_encoding(self) -> None:
         """The DroPE switch, before this step's forward pass."""
@@ -382,12 +462,18 @@ def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, 
     plan = resolve(cfg, env.world_size)
     run_dir = Path(cfg.run.dir)
     setup_logging(env.rank, run_dir)
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir)
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir, cfg.checkpoint.rewind)
+    saved = checkpoint.read_trainer_state(resume_from) if resume_from is not None else None
+    if saved is not None:
+        check_resumed_config(saved, cfg, plan, resume_from)
+        if env.is_main:
+            set_aside_later_steps(run_dir, saved["step"], cfg.checkpoint.rewind)
+        dist.barrier()
     pretrained = load_hf_state_dict(hf_folder) if hf_folder and resume_from is None else None
     if pretrained is not None:
         log.info("initialised from %s", hf_folder)
-    resize = resume_from is not None and checkpoint.read_trainer_state(resume_from)["world_size"] != env.world_size
+    resize = saved is not None and saved["world_size"] != env.world_size
     trainer = Trainer(cfg, env, plan, pretrained, resize, watch)
     if resume_from is not None:
-        trainer.resume(resume_from)
+        trainer.resume(resume_from, saved)
     return trainer.run()

@@ -52,7 +52,7 @@ def run_train(
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """Loss per step from run_dir/metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
+    """Loss per step from run_dir/metrics.jsonl (a resume moves the rows after its step aside: each step once)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 

@@ -55,6 +55,8 @@ def test_interrupted_runs_equal_a_straight_run_across_phase_change_and_switch(tm
 
     events = [(row["step"], row["event"]) for row in rows(straight) if "event" in row]
     assert events == [(0, "phase"), (3, "phase"), (5, "drope")]
+    # Resumed before, at and after both events: each is marked once, at the straight run's step.
+    assert [(row["step"], row["event"]) for row in rows(interrupted) if "event" in row] == events
     metrics = {row["step"]: row for row in rows(straight) if "loss" in row}
     # Phase a draws web only; phase b (twice the batch: 16 sequences a step) math and code only.
     assert metrics[3]["samples/web"] == 3 * 8 and metrics[3]["samples/math"] == metrics[3]["samples/code"] == 0

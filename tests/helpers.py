@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -49,6 +50,13 @@ def run_train(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def copy_run(saved_run: Path, tmp_path: Path) -> Path:
+    """A copy of a module fixture's run directory for one test to change (resume, damage, rewind)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    return run_dir
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -4,7 +4,6 @@ evaluation) before its code runs, and a damaged checkpoint is skipped by `resume
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from nopetrain.checkpoint import find_damage, write_checksums
 
-from .helpers import REPO, losses, run_train, subprocess_env
+from .helpers import REPO, copy_run, losses, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +43,6 @@ def saved_run(tmp_path_factory) -> Path:
     """Five steps, a checkpoint after each."""
     run_dir = tmp_path_factory.mktemp("saved") / "run"
     run_train(run_dir, *STEPS, *BATCH)
-    return run_dir
-
-
-def copy_run(saved_run: Path, tmp_path: Path) -> Path:
-    run_dir = tmp_path / "run"
-    shutil.copytree(saved_run, run_dir)
     return run_dir
 
 

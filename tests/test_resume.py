@@ -5,14 +5,13 @@ changed config is refused when it would rewrite the steps already taken and repo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from nopetrain.checkpoint import complete_checkpoints
 
-from .helpers import losses, run_train
+from .helpers import copy_run, losses, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +43,6 @@ def saved_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("saved") / "run"
     run_train(run_dir, *SAVES, "stop_at_step=4", *BATCH)
     run_train(run_dir, *SAVES, *BATCH)
-    return run_dir
-
-
-def copy_run(saved_run: Path, tmp_path: Path) -> Path:
-    run_dir = tmp_path / "run"
-    shutil.copytree(saved_run, run_dir)
     return run_dir
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from nopetrain.config import TrainConfig
@@ -40,6 +41,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def skip_shm_comm() -> None:
+    """Keeps DeepSpeed's shared-memory all-reduce (a C++ op compiled on first start, minutes on a small machine,
+    silently) out of CPU runs: gloo does the collectives, which at the sizes a CPU trains are not the bottleneck."""
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_distributed() -> DistEnv:
     """Joins the process group torchrun (or SLURM, one task per GPU) describes in the environment, or makes a group
     of one."""
@@ -55,6 +62,8 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if device.type == "cpu":
+            skip_shm_comm()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
@@ -77,7 +86,24 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool, load_universal: bool = False) -> dict[str, Any]:
+def optimizer_params(cfg: TrainConfig, cpu: bool) -> dict[str, Any]:
+    """AdamW's settings for DeepSpeed. On CPU, torch's own fused AdamW (DeepSpeed's client-optimizer path): DeepSpeed's
+    CPU Adam is a C++ op compiled on first start, and it keeps beta^t as a running float32 product, so a resumed run
+    drifts from a straight one by ulps; torch computes beta^t from the step count and resumes bit-exactly."""
+    params: dict[str, Any] = {
+        "lr": cfg.optim.lr,
+        "betas": list(cfg.optim.betas),
+        "eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay,
+    }
+    if cpu and not cfg.deepspeed.offload_optimizer:
+        params.update(torch_adam=True, fused=True)
+    return params
+
+
+def deepspeed_config(
+    cfg: TrainConfig, world_size: int, bf16: bool, cpu: bool, load_universal: bool = False
+) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.deepspeed.stage}
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -88,15 +114,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool, load_univers
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
         "gradient_clipping": cfg.optim.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.optim.lr,
-                "betas": list(cfg.optim.betas),
-                "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay,
-            },
-        },
+        "optimizer": {"type": "AdamW", "params": optimizer_params(cfg, cpu)},
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
         # A checkpoint from a run with another number of processes is loaded in DeepSpeed's universal form.
@@ -129,7 +147,8 @@ def build_engine(
     """Builds the model (partitioned as it is constructed under ZeRO-3), fills in `pretrained` weights if given, and
     wraps it in a DeepSpeed engine; `extra_qk_norm` builds QK-norm gains a later DroPE switch will use (see
     nopetrain/drope.py)."""
-    ds_config = deepspeed_config(cfg, env.world_size, use_bf16(cfg.precision, env.device), load_universal)
+    bf16 = use_bf16(cfg.precision, env.device)
+    ds_config = deepspeed_config(cfg, env.world_size, bf16, env.device.type == "cpu", load_universal)
     torch.manual_seed(cfg.seed)
     stage3 = cfg.deepspeed.stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):

@@ -96,10 +96,7 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, straight_run)
     resumed = run_train(run_dir, STEPS, NO_PERIODIC, *BATCH)
     assert f"resumed from {saved[0]} at step {step}" in resumed.stderr
     combined = losses(run_dir)
-    assert sorted(combined) == sorted(straight_run)
-    # To fp32 rounding: a planned stop_at_step + resume shows the same last-bit differences on some steps.
-    for step, loss in straight_run.items():
-        assert combined[step] == pytest.approx(loss, rel=1e-6, abs=0), f"step {step}"
+    assert combined == straight_run
     # The requeued process continues the same W&B run: two offline segments, one run id.
     assert [run.run_id for run in wandb_runs(run_dir)] == [state["wandb_run_id"]] * 2
 
@@ -118,6 +115,7 @@ def test_signal_to_torchrun_agent(tmp_path, straight_run):
     assert len(saved) == 1 and "preempted by SIGUSR1" in proc.stderr, proc.stderr[-3000:]
 
     run_train(run_dir, STEPS, NO_PERIODIC, *BATCH, nproc=2)
+    # Two ranks against one process: the gradient all-reduce sums in another order.
     resumed = losses(run_dir)
     for step, loss in straight_run.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
@@ -159,9 +157,7 @@ def test_signal_to_process_group_spares_loader_workers(tmp_path, corpus, straigh
     resumed = run_train(run_dir, *shard_overrides(corpus))
     assert f"resumed from {saved}" in resumed.stderr
     combined = losses(run_dir)
-    assert sorted(combined) == sorted(straight_shard_runs[1])
-    for step, loss in straight_shard_runs[1].items():
-        assert combined[step] == pytest.approx(loss, rel=1e-6, abs=0), f"step {step}"
+    assert combined == straight_shard_runs[1]
 
 
 def test_sigterm_to_torchrun_process_group_with_loader_workers(tmp_path, corpus, straight_shard_runs):

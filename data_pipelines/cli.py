@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--corpus", type=Path, required=True, help="a folder written by build-default")
     lookup.add_argument("--documents", type=int, required=True)
     lookup.add_argument("--seed", type=int, default=0)
+    lookup.add_argument(
+        "--tasks", nargs="+", default=None, metavar="TASK", help="NIAH tasks to draw from (default: all four)"
+    )
     return parser
 
 
@@ -99,7 +102,7 @@ def _run(args: argparse.Namespace) -> str:
         # Imported here: it needs the evaluation's NIAH layout (nopetrain.eval), which the other commands do not.
         from .corpus_lookup import build_lookup
 
-        manifest = build_lookup(args.corpus, args.documents, args.seed)
+        manifest = build_lookup(args.corpus, args.documents, args.seed, args.tasks)
         target = args.corpus / "train" / "lookup"
         return f"wrote {target}: {manifest['documents']} documents, {manifest['total_tokens']} tokens"
     corpus = build_default(args.output, args.seq_len, args.vocab_size, args.seed, args.max_mb_per_source, args.workers)

@@ -45,14 +45,16 @@ def _line_start(text: str, offset: int) -> int:
 def lookup_document(rng: random.Random, task: str, filler: str, encoder: Encoder, max_tokens: int) -> str:
     """One document of `task` whose tokens (plus its EOS) fit in `max_tokens`: a line of `filler`, then lines of it
     laid out with the task's needles at random depths and its question exactly as in the evaluation's prompts
-    (`niah.prompt_text`, `niah.build_prompt`), then the answer."""
+    (`niah.prompt_text`, `niah.build_prompt`), then the answer. The filler's length is drawn uniformly up to what
+    fits, so that training sees every distance between needle and question up to the context, short ones (which
+    teach the look-up fastest) as often as long ones."""
     needles = needle_task(rng, task)
     depths = [rng.random() for _ in needles.needles]
     answer = f" {needles.answer_text}"
     fixed = len(encoder.encode(["\n" + prompt_text(needles, "", depths) + answer])[0])
     if fixed + 1 >= max_tokens:
         raise DataError(f"a {task} look-up needs {fixed + 1} tokens without filler; the samples hold {max_tokens}")
-    chars = int((max_tokens - 1 - fixed) * CHARS_PER_TOKEN)
+    chars = int(rng.uniform(0, max_tokens - 1 - fixed) * CHARS_PER_TOKEN)
     while True:
         start = _line_start(filler, rng.randrange(max(1, len(filler) - chars)))
         span = filler[start : start + chars]
@@ -65,14 +67,19 @@ def lookup_document(rng: random.Random, task: str, filler: str, encoder: Encoder
         chars = int(chars * SHRINK)
 
 
-def build_lookup(corpus: Path, documents: int, seed: int = 0) -> dict[str, object]:
-    """Writes `documents` look-up documents into corpus/raw/train/lookup.jsonl and tokenizes them into
-    corpus/train/lookup (a source like the corpus's own, same tokenizer and sequence length); returns the manifest."""
+def build_lookup(corpus: Path, documents: int, seed: int = 0, tasks: list[str] | None = None) -> dict[str, object]:
+    """Writes `documents` look-up documents of `tasks` (default: every NIAH task), drawn uniformly, into
+    corpus/raw/train/lookup.jsonl and tokenizes them into corpus/train/lookup (a source like the corpus's own, same
+    tokenizer and sequence length); returns the manifest."""
     summary_path = corpus / "corpus.json"
     if not summary_path.is_file():
         raise DataError(f"{summary_path}: no corpus here; build it first (nopetrain-data build-default)")
     if documents <= 0:
         raise DataError(f"--documents={documents} must be positive")
+    tasks = list(tasks or NIAH_TASKS)
+    unknown = [task for task in tasks if task not in NIAH_TASKS]
+    if unknown:
+        raise DataError(f"--tasks has {unknown[0]!r}; choose from {', '.join(NIAH_TASKS)}")
     summary = json.loads(summary_path.read_text())
     tokenizer = str(corpus / summary["tokenizer"]["path"])
     seq_len = summary["seq_len"]
@@ -84,7 +91,11 @@ def build_lookup(corpus: Path, documents: int, seed: int = 0) -> dict[str, objec
     )
     encoder = load(describe(tokenizer))
     rng = random.Random(f"lookup-{seed}")
-    texts = [lookup_document(rng, rng.choice(NIAH_TASKS), filler, encoder, seq_len + 1) for _ in range(documents)]
+    texts = [lookup_document(rng, rng.choice(tasks), filler, encoder, seq_len + 1) for _ in range(documents)]
     raw = corpus / "raw" / "train" / "lookup.jsonl"
     write_bytes(raw, "".join(json.dumps({"text": text}) + "\n" for text in texts).encode("utf-8"))
-    return tokenize([str(raw)], tokenizer, corpus / "train", "lookup", seq_len, whole_documents=True)
+    manifest = tokenize([str(raw)], tokenizer, corpus / "train", "lookup", seq_len, whole_documents=True)
+    # corpus.json says what was added, so that a runner asking for other look-ups can tell.
+    summary["lookup"] = {"documents": documents, "tasks": tasks, "seed": seed}
+    write_bytes(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    return manifest

@@ -102,6 +102,9 @@ class DataConfig:
     name: str = "synthetic"
     # shards: webdataset token shards mixed by weight; synthetic: a built-in generator, no files needed.
     kind: str = "synthetic"
+    # The corpus folder the shipped data configs' source paths start with (`${data.root}/train/web`), so a corpus
+    # built elsewhere is one override: data.root=/scratch/corpus.
+    root: str = ""
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     # DataLoader worker processes per source and rank; 0 reads in the training process.
     num_workers: int = 1

@@ -12,6 +12,7 @@ only checked (train.py says it has nothing to do), an interrupted one continues 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -27,7 +28,7 @@ from nopetrain.config import ConfigError
 from nopetrain.data_pipelines.build_default import build_default
 from nopetrain.data_pipelines.corpus_lookup import build_lookup
 from nopetrain.data_pipelines.errors import DataError
-from nopetrain.eval.config import EvalConfig
+from nopetrain.eval.config import NIAH_TASKS, EvalConfig
 from nopetrain.eval.config import validate as validate_eval
 from nopetrain.eval.evaluate import evaluate
 from nopetrain.eval.report import write_report
@@ -45,6 +46,8 @@ class CorpusConfig:
     max_mb_per_source: float = 4.0
     # Synthetic look-up documents (data_pipelines/corpus_lookup.py) added as source `lookup`; 0 for none.
     lookup_documents: int = 0
+    # The NIAH tasks the look-up documents are drawn from, uniformly.
+    lookup_tasks: list[str] = field(default_factory=lambda: list(NIAH_TASKS))
     seed: int = 0
 
 
@@ -93,13 +96,33 @@ def load_config(name: str, overrides: list[str]) -> ExperimentConfig:
 
 
 def build_corpus(corpus: CorpusConfig) -> None:
+    """Builds what of the corpus is missing; refuses one built with other settings than `corpus` asks for."""
     path = Path(corpus.path)
-    if (path / "corpus.json").is_file():
+    summary_path = path / "corpus.json"
+    if not summary_path.is_file():
+        print(f"building the corpus {path} (seq_len {corpus.seq_len})", flush=True)
+        build_default(
+            path, corpus.seq_len, corpus.vocab_size, corpus.seed, corpus.max_mb_per_source, os.cpu_count() or 1
+        )
+    summary = json.loads(summary_path.read_text())
+    built = {"seq_len": summary["seq_len"], "vocab_size": summary["tokenizer"]["vocab_size"], "seed": summary["seed"]}
+    for key, value in built.items():
+        if getattr(corpus, key) != value:
+            raise ConfigError(
+                f"corpus.{key}={getattr(corpus, key)} but {summary_path} was built with {value}; "
+                "set corpus.path to a new folder (or remove this one)"
+            )
+    if not corpus.lookup_documents:
         return
-    print(f"building the corpus {path} (seq_len {corpus.seq_len})", flush=True)
-    build_default(path, corpus.seq_len, corpus.vocab_size, corpus.seed, corpus.max_mb_per_source, os.cpu_count() or 1)
-    if corpus.lookup_documents:
-        build_lookup(path, corpus.lookup_documents, corpus.seed)
+    wanted = {"documents": corpus.lookup_documents, "tasks": list(corpus.lookup_tasks), "seed": corpus.seed}
+    if "lookup" not in summary:
+        print(f"adding {corpus.lookup_documents} look-up documents ({', '.join(corpus.lookup_tasks)})", flush=True)
+        build_lookup(path, corpus.lookup_documents, corpus.seed, list(corpus.lookup_tasks))
+    elif summary["lookup"] != wanted:
+        raise ConfigError(
+            f"corpus.lookup_documents/lookup_tasks ask for {wanted} but {summary_path} has {summary['lookup']}; "
+            "set corpus.path to a new folder (or remove this one)"
+        )
 
 
 def train_arms(cfg: ExperimentConfig) -> None:

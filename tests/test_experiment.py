@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,10 @@ from nopetrain.curriculum import learning_rate, resolve
 from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines.corpus_lookup import build_lookup, lookup_document
 from nopetrain.data_pipelines.encoders import describe, load
+from nopetrain.data_pipelines.errors import DataError
 from nopetrain.eval import niah
 from nopetrain.eval.config import NIAH_TASKS
-from nopetrain.experiment import load_config
+from nopetrain.experiment import CorpusConfig, build_corpus, load_config
 
 from .helpers import REPO, subprocess_env
 
@@ -127,6 +129,30 @@ def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
     assert len(set(final.values())) == 1, final
 
 
+def test_build_lookup_draws_only_the_tasks_asked_for(corpus: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    build_lookup(copy, 30, seed=1, tasks=["standard"])
+    texts = [json.loads(line)["text"] for line in (copy / "raw" / "train" / "lookup.jsonl").read_text().splitlines()]
+    assert len(texts) == 30 and all(text.count("\nkey: ") == 1 for text in texts)
+    assert json.loads((copy / "corpus.json").read_text())["lookup"] == {
+        "documents": 30,
+        "tasks": ["standard"],
+        "seed": 1,
+    }
+    with pytest.raises(DataError, match="--tasks has 'no_task'"):
+        build_lookup(copy, 30, tasks=["no_task"])
+
+
+def test_an_experiment_refuses_a_corpus_built_otherwise(corpus: Path) -> None:
+    # The fixture's corpus: seq_len 256, vocabulary 1024, 40 look-ups of every task.
+    with pytest.raises(ConfigError, match=r"corpus\.seq_len=128 but .*corpus\.json was built with 256"):
+        build_corpus(CorpusConfig(path=str(corpus), seq_len=128, vocab_size=1024))
+    with pytest.raises(ConfigError, match=r"corpus\.lookup_documents/lookup_tasks ask for .*'documents': 41"):
+        build_corpus(CorpusConfig(path=str(corpus), seq_len=SEQ_LEN, vocab_size=1024, lookup_documents=41))
+    build_corpus(CorpusConfig(path=str(corpus), seq_len=SEQ_LEN, vocab_size=1024, lookup_documents=40))
+
+
 def test_experiment_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no_such_key"):
         load_config("drope_tiny", ["no_such_key=1"])
@@ -152,10 +178,7 @@ train:
   - steps=6
   - precision=fp32
   - log_every=3
-  - data.sources.web.path=${{corpus.path}}/train/web
-  - data.sources.code.path=${{corpus.path}}/train/code
-  - data.sources.math.path=${{corpus.path}}/train/math
-  - data.sources.lookup.path=${{corpus.path}}/train/lookup
+  - data.root=${{corpus.path}}
 arms:
   rope: {{overrides: [model.no_rope_layer_interval=0]}}
   drope: {{overrides: [model.no_rope_layer_interval=0, curriculum=drope]}}

@@ -148,7 +148,11 @@ def tokenize(
             "source": name,
             "seq_len": seq_len,
             "dtype": dtype.name,
-            "tokenizer": info.to_json(),
+            # The path relative to this manifest's folder, so that the manifest finds it from any working directory.
+            "tokenizer": {
+                **info.to_json(),
+                "path": os.path.relpath(os.path.abspath(info.path), Path(output, name).absolute()),
+            },
             "shards": shards,
             "total_samples": total_samples,
             "total_tokens": total_samples * (seq_len + 1),

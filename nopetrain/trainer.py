@@ -149,11 +149,19 @@ def set_aside_later_steps(run_dir: Path, step: int, rewind: bool) -> None:
         )
 
 
-def copy_tokenizer(record: dict[str, Any] | None, run_dir: Path) -> str | None:
+def copy_tokenizer(record: dict[str, Any] | None, run_dir: Path, model_vocab_size: int) -> str | None:
     """Copies the data's tokenizer into run_dir/tokenizer/, so checkpoints and exports carry it; returns its path
     relative to run_dir."""
     if record is None:
         return None
+    if 2 * int(record["vocab_size"]) <= model_vocab_size:
+        log.warning(
+            "model.vocab_size=%d is over twice the %d pieces of the data's tokenizer %s: the extra rows are never "
+            "trained",
+            model_vocab_size,
+            record["vocab_size"],
+            record["path"],
+        )
     source = Path(record["path"])
     if not source.is_file():
         log.warning("tokenizer %s named by the data manifests is missing; checkpoints will not carry it", source)
@@ -302,7 +310,7 @@ class Trainer:
         cfg, env, engine, state = self.cfg, self.env, self.engine, self.state
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-            self.tokenizer = copy_tokenizer(self.stream.tokenizer, self.run_dir)
+            self.tokenizer = copy_tokenizer(self.stream.tokenizer, self.run_dir, cfg.model.vocab_size)
         log.info(
             "model %s: %s parameters, layers with RoPE: %s; %d rank(s) x %d micro-batch(es) of %d sequences, %s",
             cfg.model.name,

@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import webdataset as wds
 import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines import tokenize_source
 from nopetrain.data_pipelines.cli import main
 from nopetrain.data_pipelines.corpus_math import kv_lookup, math_documents
@@ -116,7 +118,7 @@ def test_tokenize_writes_the_contract_layout(tmp_path: Path, documents: list[str
     assert (manifest["source"], manifest["seq_len"], manifest["dtype"]) == ("prose", SEQ_LEN, "uint16")
     assert manifest["tokenizer"] == {
         "kind": "sentencepiece",
-        "path": str(sp_model),
+        "path": os.path.relpath(sp_model, out),
         "sha256": hashlib.sha256(sp_model.read_bytes()).hexdigest(),
         "vocab_size": 512,
         "eos_id": 2,
@@ -149,6 +151,25 @@ def test_tokenize_writes_the_contract_layout(tmp_path: Path, documents: list[str
         assert sample["starts.npy"].tolist() == [0] * begins_at_zero + after_eos
     assert processor.decode(tokens[: tokens.index(2)]) == SHORT_DOC
     assert any(len(s["starts.npy"]) == 0 for s in samples)  # a chunk inside one long document
+
+
+def test_a_manifest_finds_its_tokenizer_from_any_working_directory(
+    tmp_path: Path, corpus: Path, sp_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(sp_model.parent)
+    tokenize([str(corpus)], sp_model.name, tmp_path / "data", "prose", SEQ_LEN)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _, record = read_documents(str(tmp_path / "data" / "prose"), 512)
+    assert Path(record["path"]).resolve() == sp_model.resolve()
+    # A manifest written before 2026-12-02 holds the path relative to where tokenize ran.
+    manifest_path = tmp_path / "data" / "prose" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizer"]["path"] = os.path.relpath(sp_model, elsewhere)
+    manifest_path.write_text(json.dumps(manifest))
+    _, record = read_documents(str(tmp_path / "data" / "prose"), 512)
+    assert Path(record["path"]).resolve() == sp_model.resolve()
 
 
 @pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst", "parquet", "txt"])

@@ -115,6 +115,17 @@ class _Source:
     tokenizer: dict[str, Any] | None = None
 
 
+def _tokenizer_record(record: dict[str, Any], path: str) -> dict[str, Any]:
+    """The manifest's tokenizer record with its path resolved: relative to the manifest's folder as `tokenize`
+    writes it, or (manifests written before 2026-12-02) relative to the working directory it ran in."""
+    record = dict(record)
+    local = not urlparse(path).scheme and not os.path.isabs(record["path"])
+    beside = os.path.normpath(os.path.join(path, record["path"]))
+    if local and (os.path.isfile(beside) or not os.path.isfile(record["path"])):
+        record["path"] = beside
+    return record
+
+
 def _from_manifest(name: str, path: str, key: str, vocab_size: int) -> _Source:
     url = f"{path.rstrip('/')}/manifest.json"
     try:
@@ -136,7 +147,7 @@ def _from_manifest(name: str, path: str, key: str, vocab_size: int) -> _Source:
             dtype=manifest["dtype"],
             samples=tuple(int(shard["samples"]) for shard in shards),
             sha256=tuple(shard["sha256"] for shard in shards),
-            tokenizer=dict(manifest["tokenizer"]),
+            tokenizer=_tokenizer_record(manifest["tokenizer"], path),
         )
         tokenizer_vocab = int(manifest["tokenizer"]["vocab_size"])
     except (KeyError, TypeError, ValueError) as error:

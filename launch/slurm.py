@@ -24,6 +24,8 @@ from nopetrain.preemption import PREEMPTED_EXIT_CODE
 from nopetrain.slurm import PORT_BASE, PORT_SPAN
 
 MODES = ("torchrun", "task-per-gpu")
+# CPUs a training process gets by default: the process, its DataLoader workers (one per source) and the host work.
+CPUS_PER_RANK = 4
 # SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 # Values written into #SBATCH lines, which sbatch reads without a shell: no spaces, quotes or newlines.
@@ -260,6 +262,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m nopetrain.launch.slurm",
         description="Write (and optionally submit) a preemption-safe sbatch file; Hydra overrides go after --.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="0 on CPU-only nodes")
@@ -269,18 +272,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--signal-grace", type=int, default=300, help="seconds before the limit to checkpoint")
     parser.add_argument("--partition")
     parser.add_argument("--account")
-    parser.add_argument("--cpus-per-task", type=int)
+    parser.add_argument(
+        "--cpus-per-rank",
+        type=int,
+        default=CPUS_PER_RANK,
+        help="CPUs per training process (its DataLoader workers and host work); sets --cpus-per-task",
+    )
+    parser.add_argument("--cpus-per-task", type=int, help="(default: --cpus-per-rank x the ranks one task runs)")
     parser.add_argument("--job-name", default="nopetrain")
     parser.add_argument("--run-dir", help="fixed across requeues, on a shared file system (default: runs/JOB_NAME)")
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="the nopetrain checkout (default: cwd)")
-    parser.add_argument("--log-dir", default="logs", help="job logs LOG_DIR/JOB_NAME-JOB_ID.out (relative: to workdir)")
+    parser.add_argument(
+        "--log-dir",
+        help="job logs LOG_DIR/JOB_NAME-JOB_ID.out, relative to workdir (default: the --output file's folder, "
+        "else logs)",
+    )
     parser.add_argument("--python", help="interpreter on the nodes (default: this one; `python` in a container)")
     parser.add_argument("--container-image", help="pyxis/enroot image, e.g. registry#nopetrain:latest")
     parser.add_argument("--container-mounts", help="pyxis mounts, e.g. /shared/runs:/workspace/runs")
     parser.add_argument("--container-workdir", default="/workspace")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="exported in the job")
     parser.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option, e.g. --exclusive")
-    parser.add_argument("--output", type=Path, help="the sbatch file (default: logs/JOB_NAME.sbatch)")
+    parser.add_argument("--output", type=Path, help="the sbatch file (default: LOG_DIR/JOB_NAME.sbatch)")
     parser.add_argument("--submit", action="store_true", help="run sbatch on the written file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for train.py")
     return parser.parse_args(argv)
@@ -298,6 +311,11 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if procs < 1:
         raise LaunchError("--procs-per-node: required when --gpus-per-node is 0")
     python = args.python or ("python" if args.container_image else sys.executable)
+    if args.cpus_per_rank < 1:
+        raise LaunchError(f"--cpus-per-rank={args.cpus_per_rank}: must be at least 1")
+    # torchrun runs every rank of a node in one task; SLURM would give that task one CPU by default.
+    ranks_per_task = procs if args.mode == "torchrun" else 1
+    log_dir = args.log_dir or (str(args.output.absolute().parent) if args.output else "logs")
     job = SlurmJob(
         job_name=args.job_name,
         nodes=args.nodes,
@@ -308,12 +326,12 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         signal_grace=args.signal_grace,
         run_dir=args.run_dir or f"runs/{args.job_name}",
         workdir=workdir,
-        log_dir=args.log_dir,
+        log_dir=log_dir,
         python=python,
         overrides=list(args.overrides),
         partition=args.partition,
         account=args.account,
-        cpus_per_task=args.cpus_per_task,
+        cpus_per_task=args.cpus_per_task or args.cpus_per_rank * ranks_per_task,
         container_image=args.container_image,
         container_mounts=args.container_mounts,
         container_workdir=args.container_workdir,

@@ -62,8 +62,8 @@ def test_generated_file_has_the_directives_and_quotes_the_overrides(capsys, tmp_
     assert code == 0, err
     text = (tmp_path / "gen.sbatch").read_text()
     for directive in ("--job-name=gen", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu",
-                      "--time=1-00:00:00", "--requeue", "--signal=B:USR1@300", "--open-mode=append",
-                      f"--output={tmp_path}/%x-%j.out", f"--chdir={REPO}"):  # fmt: skip
+                      "--cpus-per-task=32", "--time=1-00:00:00", "--requeue", "--signal=B:USR1@300",
+                      "--open-mode=append", f"--output={tmp_path}/%x-%j.out", f"--chdir={REPO}"):  # fmt: skip
         assert f"\n#SBATCH {directive}\n" in text, directive
     assert "'wandb.tags=[a b]'" in text and "'run.name=$HOME'" in text  # literal, not expanded by the job's shell
     assert "'--container-image=nvcr.io#org/nopetrain:1'" in text and "export NCCL_DEBUG=WARN" in text
@@ -78,6 +78,21 @@ def test_generated_file_has_the_directives_and_quotes_the_overrides(capsys, tmp_
             [shellcheck, "-S", "warning", str(tmp_path / "gen.sbatch")], capture_output=True, text=True
         )
         assert check.returncode == 0, check.stdout
+
+
+def test_defaults_cpus_help_and_no_logs_folder_in_the_checkout(capsys, tmp_path, monkeypatch):
+    # One CPU per task is SLURM's default: torchrun's eight ranks would share it.
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "jobs" / "one.sbatch"
+    assert slurm.main(["--job-name=one", f"--output={output}", f"--workdir={REPO}", "--gpus-per-node=8"]) == 0
+    text = output.read_text()
+    assert "\n#SBATCH --cpus-per-task=32\n" in text and f"\n#SBATCH --output={output.parent}/%x-%j.out\n" in text
+    assert not (REPO / "logs" / "one.sbatch").exists() and (tmp_path / "jobs").is_dir()
+    assert slurm.main(["--job-name=two", f"--output={output}", f"--workdir={REPO}", "--mode=task-per-gpu"]) == 0
+    assert "\n#SBATCH --cpus-per-task=4\n" in output.read_text()
+    with pytest.raises(SystemExit):
+        slurm.main(["--help"])
+    assert "(default: 4)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     train_cfg = OmegaConf.to_object(cfg)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        train_cfg = sweep_member(train_cfg, hydra_cfg.job.num)
+        train_cfg = sweep_member(train_cfg, hydra_cfg.job.num, list(hydra_cfg.overrides.task))
     try:
         train(train_cfg)
     except (ConfigError, DataError, RunDirInUse, NonFiniteLossError) as err:

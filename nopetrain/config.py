@@ -214,6 +214,10 @@ class TrainingEvalConfig:
 class RunConfig:
     name: str = "${model.name}"
     dir: str = "runs/${run.name}"
+    # Set for the members of a sweep (train.py -m): the member's number and its command-line overrides, which
+    # config.yaml and the W&B run's config then carry.
+    sweep_member: int | None = None
+    sweep_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -18,10 +18,11 @@ from .helpers import REPO, losses, subprocess_env, train_command, wandb_runs
 def test_sweep_member_gets_its_own_dir_and_the_sweep_group():
     cfg = TrainConfig()
     cfg.run.name, cfg.run.dir = "nope-sweep", "runs/nope-sweep"
-    member = sweep_member(cfg, 3)
+    member = sweep_member(cfg, 3, ["optim.lr=1e-3"])
     assert (member.run.name, member.run.dir, member.wandb.group) == ("nope-sweep-3", "runs/nope-sweep/3", "nope-sweep")
+    assert (member.run.sweep_member, member.run.sweep_overrides) == (3, ["optim.lr=1e-3"])
     cfg.wandb.group = "ablation"
-    assert sweep_member(cfg, 0).wandb.group == "ablation"
+    assert sweep_member(cfg, 0, []).wandb.group == "ablation"
 
 
 def test_slurm_launcher_composes():
@@ -55,6 +56,13 @@ def test_local_sweep_runs_members_in_one_wandb_group(tmp_path):
         assert sorted(losses(member)) == [1, 2]
         assert f"no_rope_layer_interval: {interval}" in (member / "config.yaml").read_text()
         [runs[num]] = wandb_runs(member)
+        # Each member says what it runs, on the console and in its W&B config.
+        assert f"sweep member {num}: " in proc.stderr
+        assert (
+            f"model.no_rope_layer_interval={interval}" in proc.stderr.split(f"sweep member {num}: ")[1].split("\n")[0]
+        )
+        config = {item.key: item.value_json for item in runs[num].config.update}
+        assert f"model.no_rope_layer_interval={interval}" in config["run"]
     assert {run.run_group for run in runs.values()} == {"nope-sweep"}
     assert [runs[0].display_name, runs[1].display_name] == ["nope-sweep-0", "nope-sweep-1"]
     assert runs[0].run_id != runs[1].run_id

@@ -114,7 +114,8 @@ class MetricsLogger:
             self.run.log(metrics, step=step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        line = "  ".join(f"{k}={_fmt(metrics[k])}" for k in CONSOLE_KEYS if k in metrics)
+        keys = [*CONSOLE_KEYS, *sorted(k for k in metrics if k.startswith("eval/"))]
+        line = "  ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(
                 f"loss={_fmt(metrics['loss'])} tok/s={_fmt(metrics['tokens_per_s'])}", refresh=False

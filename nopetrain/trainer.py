@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from nopetrain import checkpoint
 from nopetrain.config import ConfigError, TrainConfig, validate
@@ -48,11 +49,22 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
+class ConsoleHandler(logging.Handler):
+    """Writes log lines through tqdm, which clears the progress bar, prints the line and redraws the bar below it,
+    so that no line is glued onto the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's contract: report, never raise
+            self.handleError(record)
+
+
 def setup_logging(rank: int, run_dir: Path) -> None:
     """Rank 0 logs INFO to the console; every rank logs to run_dir/logs/rank_N.log."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler()
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     file = logging.FileHandler(run_dir / "logs" / f"rank_{rank:05d}.log")
     for handler in (console, file):

@@ -3,15 +3,21 @@ non-finite losses leave usable checkpoints, W&B writes an offline run."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from nopetrain.checkpoint import INCOMPLETE_PREFIX, complete_checkpoints
+from nopetrain.trainer import setup_logging
 
 from .helpers import REPO, losses, run_train, subprocess_env, train_command
 
@@ -168,3 +174,24 @@ def test_nothing_is_compiled_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))
     assert "built successfully" not in proc.stdout + proc.stderr
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_are_written_around_the_progress_bar(tmp_path, monkeypatch):
+    # A plain stream handler appends a line to the bar's own ("  10%|#  | 1/10 [00:00<...]10:00:00 rank0 INFO ...").
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    setup_logging(0, tmp_path)
+    bar = tqdm(total=10, file=sys.stderr, mininterval=0)
+    bar.update(1)
+    logging.getLogger("nopetrain").info("checkpoint saved")
+    bar.close()
+    shown = terminal.getvalue()
+    before = shown[: shown.index("checkpoint saved")]
+    visible_line = re.split(r"[\r\n]", before)[-1]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d rank0 INFO ", visible_line), repr(visible_line)
+    assert "1/10" in shown

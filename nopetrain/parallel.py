@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,13 @@ def skip_shm_comm() -> None:
 def init_distributed() -> DistEnv:
     """Joins the process group torchrun (or SLURM, one task per GPU) describes in the environment, or makes a group
     of one."""
+    # DeepSpeed's ZeRO-3 calls these collectives on every step and torch warns on every call; a user can do nothing
+    # about it, and it buried the training log (27 warnings in 6 steps).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     os.environ.update(rank_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")

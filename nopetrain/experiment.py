@@ -12,19 +12,23 @@ only checked (train.py says it has nothing to do), an interrupted one continues 
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nopetrain.config import ConfigError
+from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.data_pipelines.build_default import build_default
 from nopetrain.data_pipelines.corpus_lookup import build_lookup
 from nopetrain.data_pipelines.errors import DataError
@@ -162,8 +166,35 @@ def train_arms(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"experiment {cfg.name}: training failed for arm(s) {', '.join(failed)}")
 
 
-def run(cfg: ExperimentConfig) -> dict[str, Path]:
-    """Corpus, training, evaluation; returns the report's files."""
+def protocol(cfg: ExperimentConfig, argv: list[str], seconds: dict[str, float]) -> str:
+    """The run's provenance as a markdown section: command, date, machine, commit, wall times and the resolved
+    experiment config (fixed before the run)."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    machine = f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    times = ", ".join(f"{name} {value / 60:.1f} min" for name, value in seconds.items())
+    return "\n".join(
+        [
+            "## Protocol",
+            "",
+            f"- command: `python -m nopetrain.experiment {' '.join(argv)}`",
+            f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- machine: {machine}; torch {torch.__version__}",
+            f"- commit: {commit or 'unknown'}{' (with uncommitted changes)' if dirty else ''}",
+            f"- wall time: {times}",
+            "",
+            "```yaml",
+            OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip(),
+            "```",
+            "",
+        ]
+    )
+
+
+def run(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Path]:
+    """Corpus, training, evaluation; returns the report's files (results.md ends with the protocol)."""
     started = time.time()
     build_corpus(cfg.corpus)
     train_arms(cfg)
@@ -171,7 +202,11 @@ def run(cfg: ExperimentConfig) -> dict[str, Path]:
     print(f"trained {len(cfg.arms)} arms in {trained - started:.0f} s; evaluating", flush=True)
     rows = evaluate(cfg.eval)
     files = write_report(rows, cfg.out, cfg.eval.wandb)
-    print(f"evaluated in {time.time() - trained:.0f} s; total {time.time() - started:.0f} s", flush=True)
+    done = time.time()
+    seconds = {"corpus and training": trained - started, "evaluation": done - trained, "total": done - started}
+    report = files["results.md"]
+    write_bytes(report, (report.read_text() + "\n" + protocol(cfg, argv, seconds)).encode())
+    print(f"evaluated in {done - trained:.0f} s; total {done - started:.0f} s ({(done - started) / 60:.1f} min)")
     return files
 
 
@@ -183,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m nopetrain.experiment NAME [key=value ...]", file=sys.stderr)
         return 2
     try:
-        files = run(load_config(args[0], args[1:]))
+        files = run(load_config(args[0], args[1:]), args)
     except (ConfigError, DataError) as err:
         print(f"nopetrain-experiment: error: {err}", file=sys.stderr)
         return 2

@@ -214,4 +214,9 @@ eval:
         rows = list(csv.DictReader(f))
     methods = {(row["model"], row["method"]) for row in rows}
     assert {("rope", "none"), ("rope", "pi"), ("rope", "yarn"), ("drope", "none"), ("drope", "logit_scale")} <= methods
-    assert "rope" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert (
+        "rope" in report
+        and "## Protocol" in report
+        and f"- command: `python -m nopetrain.experiment {config}`" in report
+    )

@@ -147,7 +147,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Path]:
     trained = time.time()
     print(f"trained {len(cfg.arms)} arms in {trained - started:.0f} s; evaluating", flush=True)
     rows = evaluate(cfg.eval)
-    files = write_report(rows, cfg.out, cfg.eval.wandb)
+    files = write_report(rows, cfg.out, cfg.eval.report, cfg.eval.wandb)
     print(f"evaluated in {time.time() - trained:.0f} s; total {time.time() - started:.0f} s", flush=True)
     return files
 

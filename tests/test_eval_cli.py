@@ -72,6 +72,8 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         "rope_scaling.methods=[pi,yarn]",
         "logit_scale.tolerance=0.1",
         "logit_scale.documents=2",
+        "report.gate.model=rope",
+        "report.paired=[{a: drope/logit_scale, b: rope/yarn, tasks: [standard], factors: [2]}]",
     ]
     proc = subprocess.run(
         eval_command(*overrides), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
@@ -84,6 +86,7 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         "ppl_vs_length.png",
         "results.csv",
         "results.md",
+        "trials.csv",
     ]
     assert any((out / "wandb").glob("offline-run-*"))
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -105,8 +108,37 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         ("multi_key", "128"),
     }
     assert "NIAH multi_key at 64 tokens skipped" in proc.stderr
-    assert all(0.0 <= float(r["value"]) <= 1.0 for r in niah_rows)
+    # Each rate with its Wilson interval (greedy scores of one value are 0 or 1), each perplexity with its bootstrap.
+    for r in niah_rows:
+        assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]) and r["interval"] == "wilson"
+        assert (r["n"], r["scoring"], int(r["successes"])) == ("2", "greedy", round(2 * float(r["value"])))
+    assert all(
+        float(r["ci_low"]) <= ppl[(r["model"], r["method"], r["context_len"])] <= float(r["ci_high"])
+        for r in rows
+        if r["metric"] == "ppl"
+    )
+
+    # The trials are built once per task and length and scored by every model and method: the same prompts.
+    assert len([line for line in proc.stderr.splitlines() if " trials built in " in line]) == 3
+    trials = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(trials) == len(methods) * 3 * 2
+    prompts = {(t["task"], t["context_len"], t["trial"], t["depth"], t["prompt_sha256"]) for t in trials}
+    assert len(prompts) == 3 * 2 and {t["value"] for t in trials} <= {"0.0", "1.0"}
+    by_cell = {(r["model"], r["method"], r["task"], r["context_len"]): float(r["value"]) for r in niah_rows}
+    for key, value in by_cell.items():
+        scores = [float(t["value"]) for t in trials if (t["model"], t["method"], t["task"], t["context_len"]) == key]
+        assert sum(scores) / len(scores) == value
+
     table = (out / "results.md").read_text()
+    # Four training steps do not learn retrieval: the report opens by saying so.
+    assert table.splitlines()[2] == (
+        "**Underpowered: retrieval not learned in context.** rope standard NIAH at 1x: 0.0% [0.0, 65.8] (n=2) < 80% "
+        "gate; the comparisons beyond the context below carry no information about length generalisation."
+    )
+    assert "## NIAH standard (success %, greedy decoding, n=2 trials per cell, 95% Wilson interval)" in table
+    assert "| rope | none | 0.0 [0.0, 65.8] |" in table
+    assert "## Paired comparison (McNemar, same prompts)" in table
+    assert "| drope/logit_scale | rope/yarn | standard | 2x | 2 |" in table
     assert "## Perplexity" in table and "| drope | logit_scale |" in table and "## NIAH multi_key" in table
     assert "- rope: 2 documents at every length; tokens 128 (1x) / 256 (2x)" in table
     assert "## Logit scale" in table and "| web: 2 documents, 256 tokens |" in table
@@ -210,6 +242,7 @@ def test_a_local_hugging_face_folder_evaluates_like_the_checkpoint(run_dir, corp
             ("ppl", None),
             ("ppl_bucket", None),
             ("niah", "standard"),
+            ("niah_trial", "standard"),
         }
         return {r["context_len"]: r["value"] for r in rows if r["metric"] == "ppl"}
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,19 @@ import pytest
 from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines.encoders import describe, load
 from nopetrain.eval import niah
-from nopetrain.eval.config import EvalConfig, NiahConfig, PerplexityConfig, RopeScalingConfig
+from nopetrain.eval.config import (
+    EvalConfig,
+    LogitScaleConfig,
+    NiahConfig,
+    PairedConfig,
+    PerplexityConfig,
+    ReportConfig,
+    RopeScalingConfig,
+)
 from nopetrain.eval.evaluate import evaluate
+from nopetrain.eval.report import write_report
 
-from .helpers import REPO, build_corpus, corpus_overrides, run_train, subprocess_env
+from .helpers import REPO, build_corpus, copy_run, corpus_overrides, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -172,6 +183,66 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
     api_ppl = {(r["method"], r["context_len"]): r["value"] for r in api_rows if r["metric"] == "ppl"}
     assert api_ppl[("logit_scale", 128)] == pytest.approx(ppl[("drope", "logit_scale", "128")], rel=1e-6)
     assert {r["model"] for r in api_rows} == {"step_00000004"}
+
+
+def test_an_interrupted_evaluation_resumes_from_its_finished_units(run_dir, corpus, tmp_path, caplog):
+    """An evaluation of rope alone, then of rope and drope into the same folder (what an evaluation killed after
+    rope's units leaves) reuses rope's units and writes the files of one evaluation of both; a changed config
+    computes the units again."""
+    run = copy_run(run_dir, tmp_path)  # its own stored logit scale
+    rope = str(run / "checkpoints" / "step_00000002")
+
+    def config(out: Path, models: dict[str, str], trials: int = 2) -> EvalConfig:
+        # What the report shows is no part of a unit: rope alone has no pair to compare.
+        paired = [PairedConfig(a="drope/logit_scale", b="rope/yarn", factors=[2])] if "drope" in models else []
+        return EvalConfig(
+            models=models,
+            out=str(out),
+            heldout=heldout(corpus)[1:-1].split(","),
+            factors=[1, 2],
+            perplexity=PerplexityConfig(documents=2),
+            niah=NiahConfig(trials=trials, tasks=["standard"], depths=[0.5], scoring="teacher_forced"),
+            rope_scaling=RopeScalingConfig(methods=["yarn"]),
+            logit_scale=LogitScaleConfig(tolerance=0.1, documents=2),
+            report=ReportConfig(paired=paired),
+        )
+
+    both = {"rope": rope, "drope": str(run)}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    write_report(evaluate(config(straight, both)), straight)
+    with caplog.at_level(logging.INFO, logger="nopetrain.eval"):
+        evaluate(config(resumed, {"rope": rope}))
+        assert sorted(p.name for p in (resumed / "partial" / "rope").iterdir()) == [
+            "none_1x.json",
+            "none_2x.json",
+            "yarn_1x.json",
+            "yarn_2x.json",
+        ]
+        caplog.clear()
+        write_report(evaluate(config(resumed, both)), resumed)
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"rope: 4 of 4 units reused from {resumed / 'partial'}" in messages
+    computed = [message for message in messages if " units done, ~" in message]
+    assert [message.split(" (")[0] for message in computed] == [
+        "drope none 1x",
+        "drope none 2x",
+        "drope logit_scale 1x",
+        "drope logit_scale 2x",
+    ]
+    assert re.search(r"; 8/8 units done, ~\d+\.\d min left$", computed[-1])
+    for name in ("results.csv", "trials.csv", "results.md"):
+        assert (resumed / name).read_text() == (straight / name).read_text(), name
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nopetrain.eval"):
+        evaluate(config(resumed, {"rope": rope}, trials=3))
+    assert (
+        f"rope: 0 of 4 units reused from {resumed / 'partial'}; 4 there were computed with another config or "
+        "checkpoint and are computed again"
+    ) in [record.getMessage() for record in caplog.records]
+    unit = json.loads((resumed / "partial" / "rope" / "none_1x.json").read_text())
+    assert (unit["checkpoint"], unit["step"]) == (rope, 2)
+    assert {row["n"] for row in unit["rows"] if row["metric"] == "niah"} == {3}
 
 
 def test_a_copying_model_scores_100_percent_through_the_real_tokenizer(corpus):

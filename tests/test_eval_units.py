@@ -30,6 +30,7 @@ from nopetrain.eval.config import (
 )
 from nopetrain.eval.evaluate import check_report_methods, rate, scored_documents, split_heldout
 from nopetrain.eval.models import LoadedModel
+from nopetrain.eval.partial import Progress, Unit, fingerprint
 from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.eval.report import COLUMNS, TRIAL_COLUMNS, TRIAL_METRIC, markdown, write_report
 from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
@@ -550,6 +551,35 @@ def test_report_cells_name_evaluated_models_methods_tasks_and_factors():
     with pytest.raises(ConfigError, match=r"report.paired\[0\].a names drope/yarn, but drope is evaluated with"):
         check_report_methods("drope", ["none", "logit_scale"], cfg)
     check_report_methods("rope", ["none", "yarn"], cfg)
+
+
+def test_progress_estimates_the_time_left_by_length_factor():
+    units = [Unit("a", "none", 1), Unit("a", "none", 2), Unit("a", "none", 4), Unit("a", "logit_scale", 8)]
+    progress = Progress(units)
+    progress.drop(units[3:])  # no logit scale could be fitted
+    # 10 s for factor 1: 10 s per factor, 6 factors to go.
+    assert progress.computed(units[0], 10.0) == "1/3 units done, ~1.0 min left"
+    progress.reused(units[1])  # costs nothing and leaves 4 factors
+    assert progress.computed(units[2], 70.0) == "3/3 units done, ~0.0 min left"
+
+
+def test_a_units_fingerprint_changes_with_what_its_rows_depend_on():
+    base = EvalConfig(models={"a": "runs/a"}, out="o")
+    same = fingerprint(base, "runs/a/checkpoints/step_00000008", 8, None)
+    unrelated = EvalConfig(
+        models={"a": "runs/a", "b": "runs/b"},
+        out="elsewhere",
+        device="cpu",
+        rope_scaling=RopeScalingConfig(methods=["yarn"]),
+        report=ReportConfig(gate=GateConfig(model="a")),
+        logit_scale=LogitScaleConfig(refit=True),
+    )
+    assert fingerprint(unrelated, "runs/a/checkpoints/step_00000008", 8, None) == same
+    assert fingerprint(EvalConfig(models={"a": "runs/a"}, out="o", niah=NiahConfig(trials=3)), "runs/a", 8, None) != (
+        fingerprint(base, "runs/a", 8, None)
+    )
+    assert fingerprint(base, "runs/a/checkpoints/step_00000010", 10, None) != same
+    assert fingerprint(base, "runs/a/checkpoints/step_00000008", 8, 0.25) != same
 
 
 def test_module_imports_stay_light():

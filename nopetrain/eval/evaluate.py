@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from nopetrain.config import ConfigError
+from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines.encoders import Encoder, sha256_file
 from nopetrain.eval import logit_scale, niah
 from nopetrain.eval.config import EvalConfig, model_specs, split_series, validate
-from nopetrain.eval.models import LoadedModel, apply_logit_scale, load_model
+from nopetrain.eval.models import LoadedModel, apply_logit_scale, architecture, load_model
+from nopetrain.eval.partial import Progress, Unit, UnitStore, fingerprint
 from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.eval.report import FIT_METRIC, TRIAL_METRIC
 from nopetrain.eval.rope_scaling import RopeScaling
@@ -69,10 +70,10 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-def methods_for(loaded: LoadedModel, cfg: EvalConfig) -> list[str]:
+def methods_for(model_config: ModelConfig, cfg: EvalConfig) -> list[str]:
     """`none`, plus the RoPE-scaling methods for models with RoPE layers, or `logit_scale` for all-NoPE ones."""
     methods = ["none"]
-    if loaded.any_rope:
+    if any(model_config.rope_layers()):
         methods += list(cfg.rope_scaling.methods)
     elif cfg.logit_scale.enabled and any(factor > 1 for factor in cfg.factors):
         methods.append("logit_scale")
@@ -336,50 +337,98 @@ def check_report_methods(name: str, methods: list[str], cfg: EvalConfig) -> None
             raise ConfigError(f"{key} names {model}/{method}, but {model} is evaluated with methods {methods}")
 
 
+def unit_rows(
+    loaded: LoadedModel,
+    unit: Unit,
+    documents: list[np.ndarray],
+    trials_for: Callable[[str, int], list[Trial] | None],
+    cfg: EvalConfig,
+) -> list[Row]:
+    """The rows of one unit: perplexity of `documents` (cut to the unit's length) and NIAH, the model already
+    configured for the unit's method and length."""
+    length = unit.factor * loaded.train_context
+    found = []
+    if cfg.perplexity.enabled:
+        found += perplexity_rows(loaded, documents, cfg)
+    if cfg.niah.enabled:
+        found += niah_rows(loaded, trials_for, length, cfg)
+    common = {"model": loaded.name, "method": unit.method, "context_factor": unit.factor, "context_len": length}
+    return [{**common, **row} for row in found]
+
+
 def evaluate_model(
     loaded: LoadedModel,
     documents: list[np.ndarray],
     trials_for: Callable[[str, int], list[Trial] | None],
     fit_sources: dict[str, list[np.ndarray]],
     cfg: EvalConfig,
+    store: UnitStore,
+    progress: Progress,
 ) -> list[Row]:
     """Rows for one loaded model: the fitted logit scale if it has one, then every method at every length (NIAH's
-    trials from `trials_for(task, length)`)."""
-    methods = methods_for(loaded, cfg)
+    trials from `trials_for(task, length)`), each unit loaded from `store` when it finished before with the same
+    fingerprint, else computed and written there."""
+    methods = methods_for(loaded.model.config, cfg)
     fitted = fitted_scale(loaded, fit_sources, cfg) if "logit_scale" in methods else None
     if fitted is None and "logit_scale" in methods:
         methods.remove("logit_scale")
+        progress.drop([Unit(loaded.name, "logit_scale", factor) for factor in cfg.factors])
     check_report_methods(loaded.name, methods, cfg)
     coef = fitted.coef if fitted is not None else 0.0
     rows = [] if fitted is None else [{"model": loaded.name, "context_factor": None, **fit_row(fitted)}]
+    units = [Unit(loaded.name, method, factor) for method in methods for factor in cfg.factors]
+    fingerprints = {
+        unit: fingerprint(cfg, loaded.path, loaded.step, coef if unit.method == "logit_scale" else None)
+        for unit in units
+    }
+    stored = {unit: store.read(unit) for unit in units}
+    finished = {unit: found[1] for unit, found in stored.items() if found and found[0] == fingerprints[unit]}
+    stale = sum(found is not None for unit, found in stored.items() if unit not in finished)
+    if finished or stale:
+        log.info(
+            "%s: %d of %d units reused from %s%s",
+            loaded.name,
+            len(finished),
+            len(units),
+            store.folder,
+            f"; {stale} there were computed with another config or checkpoint and are computed again" if stale else "",
+        )
     scored = scored_documents(loaded, documents, cfg) if cfg.perplexity.enabled else {}
-    for method in methods:
-        for factor in cfg.factors:
-            length = factor * loaded.train_context
-            configure(loaded, method, factor, cfg, coef)
-            started = time.perf_counter()
-            found = []
-            if cfg.perplexity.enabled:
-                found += perplexity_rows(loaded, scored[length], cfg)
-            if cfg.niah.enabled:
-                found += niah_rows(loaded, trials_for, length, cfg)
-            common = {"model": loaded.name, "method": method, "context_factor": factor, "context_len": length}
-            rows += [{**common, **row} for row in found]
-            summary = ", ".join(
-                f"{row['metric']}{'/' + row['task'] if row.get('task') else ''}={row['value']:.4g}"
-                for row in found
-                if row["metric"] in ("ppl", "niah") and row.get("depth") is None
-            )
-            log.info(
-                "%s %s %dx (%d tokens): %s [%.1fs]",
-                loaded.name,
-                method,
-                factor,
-                length,
-                summary,
-                time.perf_counter() - started,
-            )
+    for unit in units:
+        if unit in finished:
+            rows += finished[unit]
+            progress.reused(unit)
+            continue
+        configure(loaded, unit.method, unit.factor, cfg, coef)
+        started = time.perf_counter()
+        found = unit_rows(loaded, unit, scored.get(unit.factor * loaded.train_context, []), trials_for, cfg)
+        store.write(unit, fingerprints[unit], loaded.path, loaded.step, found)
+        rows += found
+        seconds = time.perf_counter() - started
+        summary = ", ".join(
+            f"{row['metric']}{'/' + row['task'] if row.get('task') else ''}={row['value']:.4g}"
+            for row in found
+            if row["metric"] in ("ppl", "niah") and row.get("depth") is None
+        )
+        log.info(
+            "%s %s %dx (%d tokens): %s [%.1fs]; %s",
+            *unit,
+            unit.factor * loaded.train_context,
+            summary,
+            seconds,
+            progress.computed(unit, seconds),
+        )
     return rows
+
+
+def plan(specs: dict[str, str], cfg: EvalConfig) -> list[Unit]:
+    """Every unit the config asks for, each model's methods from its architecture, read without its weights."""
+    return [
+        Unit(name, method, factor)
+        for name, spec in specs.items()
+        for method in methods_for(architecture(spec), cfg)
+        for factor in cfg.factors
+    ]
 
 
 def evaluate(cfg: EvalConfig) -> list[Row]:
@@ -390,12 +439,16 @@ def evaluate(cfg: EvalConfig) -> list[Row]:
     and where they apply position (first position of a ppl bucket), task and depth (NIAH; rows without depth are the
     task's mean), trial and prompt_sha256 (a trial's index and prompt, the same for every model and method with the
     same tokenizer), source and boundary (the fit: its held-out sources and "low"/"high" for an optimum at an end of
-    the search interval)."""
+    the search interval). Each model x method x factor unit is kept in OUT/partial/ as it finishes and reused by a
+    later evaluation of the same config and checkpoints (see nopetrain/eval/partial.py)."""
     validate(cfg)
     device = device_for(cfg.device)
+    specs = model_specs(cfg)
+    progress = Progress(plan(specs, cfg))
+    store = UnitStore(cfg.out)
     shared = SharedTrials(cfg)
     rows = []
-    for name, spec in model_specs(cfg).items():
+    for name, spec in specs.items():
         loaded = load_model(name, spec, cfg.train_context, device)
         tokenizer_sha256 = sha256_file(loaded.tokenizer_path)
         sources = heldout_documents(cfg.heldout, loaded.model.config.vocab_size, tokenizer_sha256)
@@ -403,5 +456,5 @@ def evaluate(cfg: EvalConfig) -> list[Row]:
         documents = [document for found in report.values() for document in found]
         haystacks = [d for path, found in report.items() if Path(path).name in cfg.niah.haystack for d in found]
         trials_for = functools.partial(shared.get, loaded.tokenizer, tokenizer_sha256, haystacks)
-        rows += evaluate_model(loaded, documents, trials_for, fit_sources, cfg)
+        rows += evaluate_model(loaded, documents, trials_for, fit_sources, cfg, store, progress)
     return rows

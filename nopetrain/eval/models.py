@@ -14,8 +14,8 @@ from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.data_pipelines.encoders import Encoder, describe, load
 from nopetrain.data_pipelines.errors import DataError as TokenizerError
 from nopetrain.eval import logit_scale
-from nopetrain.export import ExportError, read_checkpoint
-from nopetrain.hf import model_from_hf
+from nopetrain.export import ExportError, read_checkpoint, read_state
+from nopetrain.hf import folder_model_config, model_from_hf
 from nopetrain.model import Transformer
 
 
@@ -30,10 +30,8 @@ class LoadedModel:
     train_context: int
     # Where the fitted logit scale is stored: <checkpoint>/logit_scale.json.
     scale_file: Path
-
-    @property
-    def any_rope(self) -> bool:
-        return any(self.model.config.rope_layers())
+    # The checkpoint's training step (None for a Hugging Face folder): with `path`, which weights these are.
+    step: int | None = None
 
 
 def _tokenizer(path: Path, source: str) -> tuple[Encoder, int]:
@@ -75,7 +73,15 @@ def _load_ours(name: str, path: Path) -> LoadedModel:
     model.load_state_dict(ckpt.weights, strict=True)
     context = trained_context(ckpt.state["config"])
     return LoadedModel(
-        name, str(ckpt_dir), model, tokenizer, tokenizer_path, eos_id, context, ckpt_dir / logit_scale.FILE
+        name,
+        str(ckpt_dir),
+        model,
+        tokenizer,
+        tokenizer_path,
+        eos_id,
+        context,
+        ckpt_dir / logit_scale.FILE,
+        ckpt.state["step"],
     )
 
 
@@ -91,6 +97,18 @@ def _load_hf(name: str, folder: Path) -> LoadedModel:
     return LoadedModel(
         name, str(folder), model, tokenizer, tokenizer_path, eos_id, int(context), folder / logit_scale.FILE
     )
+
+
+def architecture(spec: str) -> ModelConfig:
+    """The model config of what `spec` names (as for `load_model`), read without its weights: enough to plan which
+    methods an evaluation runs before loading any model."""
+    hf_folder = spec.removeprefix("hf:")
+    if hf_folder != spec:
+        return folder_model_config(Path(hf_folder))
+    try:
+        return read_state(_checkpoint_dir(Path(spec)))[1]
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_model(name: str, spec: str, train_context: int | None, device: torch.device) -> LoadedModel:

@@ -4,6 +4,7 @@ the scaling baselines) and the same run after DroPE (with the fitted logit scale
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import random
@@ -241,7 +242,8 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_units(run_dir, corp
         "checkpoint and are computed again"
     ) in [record.getMessage() for record in caplog.records]
     unit = json.loads((resumed / "partial" / "rope" / "none_1x.json").read_text())
-    assert (unit["checkpoint"], unit["step"]) == (rope, 2)
+    checksums = hashlib.sha256((Path(rope) / "checksums.json").read_bytes()).hexdigest()
+    assert unit["model_identity"] == {"checkpoint": rope, "step": 2, "checksums_sha256": checksums}
     assert {row["n"] for row in unit["rows"] if row["metric"] == "niah"} == {3}
 
 

@@ -30,7 +30,7 @@ from nopetrain.eval.config import (
 )
 from nopetrain.eval.evaluate import check_report_methods, rate, scored_documents, split_heldout
 from nopetrain.eval.models import LoadedModel
-from nopetrain.eval.partial import Progress, Unit, fingerprint
+from nopetrain.eval.partial import Progress, Unit, UnitStore, fingerprint
 from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.eval.report import COLUMNS, TRIAL_COLUMNS, TRIAL_METRIC, markdown, write_report
 from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
@@ -565,7 +565,8 @@ def test_progress_estimates_the_time_left_by_length_factor():
 
 def test_a_units_fingerprint_changes_with_what_its_rows_depend_on():
     base = EvalConfig(models={"a": "runs/a"}, out="o")
-    same = fingerprint(base, "runs/a/checkpoints/step_00000008", 8, None)
+    model = {"checkpoint": "runs/a/checkpoints/step_00000008", "step": 8, "checksums_sha256": "ab"}
+    same = fingerprint(base, model, None)
     unrelated = EvalConfig(
         models={"a": "runs/a", "b": "runs/b"},
         out="elsewhere",
@@ -574,12 +575,23 @@ def test_a_units_fingerprint_changes_with_what_its_rows_depend_on():
         report=ReportConfig(gate=GateConfig(model="a")),
         logit_scale=LogitScaleConfig(refit=True),
     )
-    assert fingerprint(unrelated, "runs/a/checkpoints/step_00000008", 8, None) == same
-    assert fingerprint(EvalConfig(models={"a": "runs/a"}, out="o", niah=NiahConfig(trials=3)), "runs/a", 8, None) != (
-        fingerprint(base, "runs/a", 8, None)
-    )
-    assert fingerprint(base, "runs/a/checkpoints/step_00000010", 10, None) != same
-    assert fingerprint(base, "runs/a/checkpoints/step_00000008", 8, 0.25) != same
+    assert fingerprint(unrelated, model, None) == same
+    assert fingerprint(EvalConfig(models={"a": "runs/a"}, out="o", niah=NiahConfig(trials=3)), model, None) != same
+    assert fingerprint(base, model, 0.25) != same
+    # Another step, or the same step trained again in place (other weights, so other checksums).
+    for changed in ({"step": 10}, {"checksums_sha256": "cd"}):
+        assert fingerprint(base, {**model, **changed}, None) != same
+
+
+def test_unit_files_round_trip_rows_and_an_unreadable_one_matches_no_fingerprint(tmp_path):
+    store, unit = UnitStore(tmp_path), Unit("rope", "yarn", 2)
+    assert store.read(unit) is None
+    rows = [{"metric": "niah", "value": 0.1 + 0.2, "depth": None, "n": 3, "ci_low": 1e-300}]
+    store.write(unit, "abc", {"checkpoint": "runs/rope", "step": 8, "checksums_sha256": None}, rows)
+    assert store.read(unit) == ("abc", rows)
+    assert [p.name for p in (tmp_path / "partial" / "rope").iterdir()] == ["yarn_2x.json"]
+    store.path(unit).write_text('{"rows": []')
+    assert store.read(unit) == ("", [])
 
 
 def test_module_imports_stay_light():

@@ -378,8 +378,7 @@ def evaluate_model(
     rows = [] if fitted is None else [{"model": loaded.name, "context_factor": None, **fit_row(fitted)}]
     units = [Unit(loaded.name, method, factor) for method in methods for factor in cfg.factors]
     fingerprints = {
-        unit: fingerprint(cfg, loaded.path, loaded.step, coef if unit.method == "logit_scale" else None)
-        for unit in units
+        unit: fingerprint(cfg, loaded.identity, coef if unit.method == "logit_scale" else None) for unit in units
     }
     stored = {unit: store.read(unit) for unit in units}
     finished = {unit: found[1] for unit, found in stored.items() if found and found[0] == fingerprints[unit]}
@@ -402,7 +401,7 @@ def evaluate_model(
         configure(loaded, unit.method, unit.factor, cfg, coef)
         started = time.perf_counter()
         found = unit_rows(loaded, unit, scored.get(unit.factor * loaded.train_context, []), trials_for, cfg)
-        store.write(unit, fingerprints[unit], loaded.path, loaded.step, found)
+        store.write(unit, fingerprints[unit], loaded.identity, found)
         rows += found
         seconds = time.perf_counter() - started
         summary = ", ".join(

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from nopetrain.checkpoint import checkpoint_root, complete_checkpoints
+from nopetrain.checkpoint import CHECKSUMS, checkpoint_root, complete_checkpoints
 from nopetrain.config import ConfigError, ModelConfig
-from nopetrain.data_pipelines.encoders import Encoder, describe, load
+from nopetrain.data_pipelines.encoders import Encoder, describe, load, sha256_file
 from nopetrain.data_pipelines.errors import DataError as TokenizerError
 from nopetrain.eval import logit_scale
 from nopetrain.export import ExportError, read_checkpoint, read_state
@@ -30,8 +31,14 @@ class LoadedModel:
     train_context: int
     # Where the fitted logit scale is stored: <checkpoint>/logit_scale.json.
     scale_file: Path
-    # The checkpoint's training step (None for a Hugging Face folder): with `path`, which weights these are.
+    # The checkpoint's training step and the sha256 of its checksums.json (None for a Hugging Face folder): with
+    # `path`, which weights these are, also when a run is trained again in place to the same step.
     step: int | None = None
+    checksums_sha256: str | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"checkpoint": self.path, "step": self.step, "checksums_sha256": self.checksums_sha256}
 
 
 def _tokenizer(path: Path, source: str) -> tuple[Encoder, int]:
@@ -82,6 +89,7 @@ def _load_ours(name: str, path: Path) -> LoadedModel:
         context,
         ckpt_dir / logit_scale.FILE,
         ckpt.state["step"],
+        sha256_file(ckpt_dir / CHECKSUMS) if (ckpt_dir / CHECKSUMS).is_file() else None,
     )
 
 

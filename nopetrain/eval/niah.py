@@ -204,7 +204,9 @@ def teacher_forced_scores(
     """1.0 for each trial whose answer tokens are all the model's argmax given the prompt and the answer tokens
     before them, i.e. exactly what greedy decoding would write first, else 0.0; one forward pass per trial instead
     of one decoding step per token (a whole-answer exact match, also for the tasks with several values). Trials of
-    equal prompt and answer lengths share a batch of up to `batch_size`."""
+    equal prompt and answer lengths share a batch of up to `batch_size`. Exact for methods that do not depend on the
+    input's length; the length-dependent ones (logit_scale, dynamic_ntk) see L + answer - 1 tokens at every position
+    where greedy decoding's first step sees L, a relative difference of (answer - 1) / L in their s."""
     device = next(model.parameters()).device
     groups: dict[tuple[int, int], list[int]] = {}
     for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):

@@ -3,8 +3,9 @@
 A unit is one model x method x length factor: its perplexity rows, its NIAH rows and every trial's score. Each is
 written as it finishes to OUT/partial/MODEL/METHOD_Fx.json (atomically: a killed evaluation leaves whole files only)
 with a fingerprint of what its rows depend on: the evaluation config, less the keys that do not change a unit
-(`UNIT_FREE_KEYS`), the checkpoint (path and step) and, for `logit_scale`, the fitted c. A later evaluation into the
-same OUT loads the units whose fingerprint matches instead of computing them, and computes again those whose does not.
+(`UNIT_FREE_KEYS`), the checkpoint (path, step and the sha256 of its checksums.json) and, for `logit_scale`, the
+fitted c. A later evaluation into the same OUT loads the units whose fingerprint matches instead of computing them,
+and computes again those whose does not.
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.eval.config import EvalConfig
-
-log = logging.getLogger("nopetrain.eval")
 
 FOLDER = "partial"
 # Where the report goes and what it shows, which models and methods there are (each unit is one of them), whether to
@@ -34,15 +32,15 @@ class Unit(NamedTuple):
     factor: int
 
 
-def fingerprint(cfg: EvalConfig, checkpoint: str, step: int | None, coef: float | None) -> str:
-    """The sha256 of what a unit's rows depend on: the config but UNIT_FREE_KEYS and UNIT_FREE_SUBKEYS, the
-    checkpoint's path and step, and the logit-scale c its method applies (None for the other methods)."""
+def fingerprint(cfg: EvalConfig, model: dict[str, Any], coef: float | None) -> str:
+    """The sha256 of what a unit's rows depend on: the config but UNIT_FREE_KEYS and UNIT_FREE_SUBKEYS, the model's
+    identity (`LoadedModel.identity`) and the logit-scale c its method applies (None for the other methods)."""
     config = dataclasses.asdict(cfg)
     for key in UNIT_FREE_KEYS:
         del config[key]
     for section, key in UNIT_FREE_SUBKEYS:
         del config[section][key]
-    identity = {"config": config, "checkpoint": checkpoint, "step": step, "logit_scale_coef": coef}
+    identity = {"config": config, "model": model, "logit_scale_coef": coef}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -56,18 +54,23 @@ class UnitStore:
         return self.folder / unit.model / f"{unit.method}_{unit.factor}x.json"
 
     def read(self, unit: Unit) -> tuple[str, list[dict[str, Any]]] | None:
-        """(fingerprint, rows) of a finished unit, or None when it has none."""
+        """(fingerprint, rows) of a finished unit, or None when it has none; an unreadable file (written by hand or
+        by another version) has fingerprint "", which matches nothing, so the unit is computed again."""
         path = self.path(unit)
         if not path.is_file():
             return None
-        stored = json.loads(path.read_text())
-        return stored["fingerprint"], stored["rows"]
+        try:
+            stored = json.loads(path.read_text())
+            return stored["fingerprint"], stored["rows"]
+        except (ValueError, KeyError, TypeError):
+            return "", []
 
-    def write(self, unit: Unit, unit_fingerprint: str, checkpoint: str, step: int | None, rows: list[dict]) -> None:
+    def write(self, unit: Unit, unit_fingerprint: str, model: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """Writes a finished unit's rows with its fingerprint and, to read, the model's identity."""
         path = self.path(unit)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"fingerprint": unit_fingerprint, "checkpoint": checkpoint, "step": step, **unit._asdict()}
-        write_bytes(path, json.dumps({**record, "rows": rows}).encode())
+        record = {"fingerprint": unit_fingerprint, **unit._asdict(), "model_identity": model, "rows": rows}
+        write_bytes(path, json.dumps(record).encode())
 
 
 class Progress:

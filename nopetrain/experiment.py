@@ -201,7 +201,7 @@ def run(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Path]:
     trained = time.time()
     print(f"trained {len(cfg.arms)} arms in {trained - started:.0f} s; evaluating", flush=True)
     rows = evaluate(cfg.eval)
-    files = write_report(rows, cfg.out, cfg.eval.wandb)
+    files = write_report(rows, cfg.out, cfg.eval.report, cfg.eval.wandb)
     done = time.time()
     seconds = {"corpus and training": trained - started, "evaluation": done - trained, "total": done - started}
     report = files["results.md"]

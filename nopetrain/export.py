@@ -77,8 +77,8 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # our names, fp32, dormant QK-norm gains dropped
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """The checkpoint's trainer state, model config and full fp32 weights, checked against our Transformer."""
+def read_state(path: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """The checkpoint's trainer state and model config, without its weights."""
     state_file = path / TRAINER_STATE
     if not path.is_dir():
         raise ExportError(f"{path}: not a directory")
@@ -90,6 +90,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
         validate_model(cfg)
     except (ValueError, KeyError, TypeError) as err:
         raise ExportError(f"{state_file}: no usable model_config ({_one_line(err)})") from None
+    return state, cfg
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint's trainer state, model config and full fp32 weights, checked against our Transformer."""
+    state, cfg = read_state(path)
     weights = _gather_fp32(path)
     # Gains built for a later DroPE switch exist in the checkpoint but do not act until it happens.
     unused = {"q_norm_weight": cfg.qk_norm == "none", "k_norm_weight": cfg.qk_norm != "qk"}

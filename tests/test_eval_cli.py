@@ -4,8 +4,11 @@ the scaling baselines) and the same run after DroPE (with the fitted logit scale
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +18,19 @@ import pytest
 from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines.encoders import describe, load
 from nopetrain.eval import niah
-from nopetrain.eval.config import EvalConfig, NiahConfig, PerplexityConfig, RopeScalingConfig
+from nopetrain.eval.config import (
+    EvalConfig,
+    LogitScaleConfig,
+    NiahConfig,
+    PairedConfig,
+    PerplexityConfig,
+    ReportConfig,
+    RopeScalingConfig,
+)
 from nopetrain.eval.evaluate import evaluate
+from nopetrain.eval.report import write_report
 
-from .helpers import REPO, build_corpus, corpus_overrides, run_train, subprocess_env
+from .helpers import REPO, build_corpus, copy_run, corpus_overrides, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +84,8 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         "rope_scaling.methods=[pi,yarn]",
         "logit_scale.tolerance=0.1",
         "logit_scale.documents=2",
+        "report.gate.model=rope",
+        "report.paired=[{a: drope/logit_scale, b: rope/yarn, tasks: [standard], factors: [2]}]",
     ]
     proc = subprocess.run(
         eval_command(*overrides), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
@@ -84,6 +98,7 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         "ppl_vs_length.png",
         "results.csv",
         "results.md",
+        "trials.csv",
     ]
     assert any((out / "wandb").glob("offline-run-*"))
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -105,8 +120,37 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
         ("multi_key", "128"),
     }
     assert "NIAH multi_key at 64 tokens skipped" in proc.stderr
-    assert all(0.0 <= float(r["value"]) <= 1.0 for r in niah_rows)
+    # Each rate with its Wilson interval (greedy scores of one value are 0 or 1), each perplexity with its bootstrap.
+    for r in niah_rows:
+        assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]) and r["interval"] == "wilson"
+        assert (r["n"], r["scoring"], int(r["successes"])) == ("2", "greedy", round(2 * float(r["value"])))
+    assert all(
+        float(r["ci_low"]) <= ppl[(r["model"], r["method"], r["context_len"])] <= float(r["ci_high"])
+        for r in rows
+        if r["metric"] == "ppl"
+    )
+
+    # The trials are built once per task and length and scored by every model and method: the same prompts.
+    assert len([line for line in proc.stderr.splitlines() if " trials built in " in line]) == 3
+    trials = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(trials) == len(methods) * 3 * 2
+    prompts = {(t["task"], t["context_len"], t["trial"], t["depth"], t["prompt_sha256"]) for t in trials}
+    assert len(prompts) == 3 * 2 and {t["value"] for t in trials} <= {"0.0", "1.0"}
+    by_cell = {(r["model"], r["method"], r["task"], r["context_len"]): float(r["value"]) for r in niah_rows}
+    for key, value in by_cell.items():
+        scores = [float(t["value"]) for t in trials if (t["model"], t["method"], t["task"], t["context_len"]) == key]
+        assert sum(scores) / len(scores) == value
+
     table = (out / "results.md").read_text()
+    # Four training steps do not learn retrieval: the report opens by saying so.
+    assert table.splitlines()[2] == (
+        "**Underpowered: retrieval not learned in context.** rope standard NIAH at 1x: 0.0% [0.0, 65.8] (n=2) < 80% "
+        "gate; the comparisons beyond the context below carry no information about length generalisation."
+    )
+    assert "## NIAH standard (success %, greedy decoding, n=2 trials per cell, 95% Wilson interval)" in table
+    assert "| rope | none | 0.0 [0.0, 65.8] |" in table
+    assert "## Paired comparison (McNemar, same prompts)" in table
+    assert "| drope/logit_scale | rope/yarn | standard | 2x | 2 |" in table
     assert "## Perplexity" in table and "| drope | logit_scale |" in table and "## NIAH multi_key" in table
     assert "- rope: 2 documents at every length; tokens 128 (1x) / 256 (2x)" in table
     assert "## Logit scale" in table and "| web: 2 documents, 256 tokens |" in table
@@ -140,6 +184,67 @@ def test_cli_writes_table_csv_plots_and_fits_the_logit_scale(run_dir, corpus, tm
     api_ppl = {(r["method"], r["context_len"]): r["value"] for r in api_rows if r["metric"] == "ppl"}
     assert api_ppl[("logit_scale", 128)] == pytest.approx(ppl[("drope", "logit_scale", "128")], rel=1e-6)
     assert {r["model"] for r in api_rows} == {"step_00000004"}
+
+
+def test_an_interrupted_evaluation_resumes_from_its_finished_units(run_dir, corpus, tmp_path, caplog):
+    """An evaluation of rope alone, then of rope and drope into the same folder (what an evaluation killed after
+    rope's units leaves) reuses rope's units and writes the files of one evaluation of both; a changed config
+    computes the units again."""
+    run = copy_run(run_dir, tmp_path)  # its own stored logit scale
+    rope = str(run / "checkpoints" / "step_00000002")
+
+    def config(out: Path, models: dict[str, str], trials: int = 2) -> EvalConfig:
+        # What the report shows is no part of a unit: rope alone has no pair to compare.
+        paired = [PairedConfig(a="drope/logit_scale", b="rope/yarn", factors=[2])] if "drope" in models else []
+        return EvalConfig(
+            models=models,
+            out=str(out),
+            heldout=heldout(corpus)[1:-1].split(","),
+            factors=[1, 2],
+            perplexity=PerplexityConfig(documents=2),
+            niah=NiahConfig(trials=trials, tasks=["standard"], depths=[0.5], scoring="teacher_forced"),
+            rope_scaling=RopeScalingConfig(methods=["yarn"]),
+            logit_scale=LogitScaleConfig(tolerance=0.1, documents=2),
+            report=ReportConfig(paired=paired),
+        )
+
+    both = {"rope": rope, "drope": str(run)}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    write_report(evaluate(config(straight, both)), straight)
+    with caplog.at_level(logging.INFO, logger="nopetrain.eval"):
+        evaluate(config(resumed, {"rope": rope}))
+        assert sorted(p.name for p in (resumed / "partial" / "rope").iterdir()) == [
+            "none_1x.json",
+            "none_2x.json",
+            "yarn_1x.json",
+            "yarn_2x.json",
+        ]
+        caplog.clear()
+        write_report(evaluate(config(resumed, both)), resumed)
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"rope: 4 of 4 units reused from {resumed / 'partial'}" in messages
+    computed = [message for message in messages if " units done, ~" in message]
+    assert [message.split(" (")[0] for message in computed] == [
+        "drope none 1x",
+        "drope none 2x",
+        "drope logit_scale 1x",
+        "drope logit_scale 2x",
+    ]
+    assert re.search(r"; 8/8 units done, ~\d+\.\d min left$", computed[-1])
+    for name in ("results.csv", "trials.csv", "results.md"):
+        assert (resumed / name).read_text() == (straight / name).read_text(), name
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nopetrain.eval"):
+        evaluate(config(resumed, {"rope": rope}, trials=3))
+    assert (
+        f"rope: 0 of 4 units reused from {resumed / 'partial'}; 4 there were computed with another config or "
+        "checkpoint and are computed again"
+    ) in [record.getMessage() for record in caplog.records]
+    unit = json.loads((resumed / "partial" / "rope" / "none_1x.json").read_text())
+    checksums = hashlib.sha256((Path(rope) / "checksums.json").read_bytes()).hexdigest()
+    assert unit["model_identity"] == {"checkpoint": rope, "step": 2, "checksums_sha256": checksums}
+    assert {row["n"] for row in unit["rows"] if row["metric"] == "niah"} == {3}
 
 
 def test_a_copying_model_scores_100_percent_through_the_real_tokenizer(corpus):
@@ -210,6 +315,7 @@ def test_a_local_hugging_face_folder_evaluates_like_the_checkpoint(run_dir, corp
             ("ppl", None),
             ("ppl_bucket", None),
             ("niah", "standard"),
+            ("niah_trial", "standard"),
         }
         return {r["context_len"]: r["value"] for r in rows if r["metric"] == "ppl"}
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from nopetrain.eval.stats import bootstrap_ppl, mcnemar, wilson
+from nopetrain.eval.stats import bootstrap_mean, bootstrap_ppl, mcnemar, wilson
 
 
 def test_wilson_matches_published_values():
@@ -41,3 +41,14 @@ def test_bootstrap_interval_covers_the_perplexity_and_narrows_with_documents():
         assert low < math.exp(sum(nll) / len(nll)) < high
     assert bootstrap_ppl(many)[1] - bootstrap_ppl(many)[0] < bootstrap_ppl(few)[1] - bootstrap_ppl(few)[0]
     assert bootstrap_ppl(few) == bootstrap_ppl(few)  # seeded
+
+
+def test_bootstrap_mean_covers_the_mean_of_fractional_scores():
+    scores = [1.0, 0.5, 0.25, 0.75, 0.0, 1.0, 0.5, 0.5] * 5
+    low, high = bootstrap_mean(scores)
+    assert low < sum(scores) / len(scores) < high and high - low < 0.3
+    assert bootstrap_mean([0.5] * 10) == (0.5, 0.5)
+    # bootstrap_ppl is its interval of the mean NLL, exponentiated.
+    assert bootstrap_ppl(scores) == pytest.approx(tuple(math.exp(end) for end in (low, high)))
+    with pytest.raises(ValueError, match="no values"):
+        bootstrap_mean([])

@@ -17,12 +17,24 @@ import torch
 
 from nopetrain.config import ConfigError, ModelConfig, validate_model
 from nopetrain.eval import logit_scale, niah
-from nopetrain.eval.config import EvalConfig, LogitScaleConfig, PerplexityConfig, validate
-from nopetrain.eval.evaluate import scored_documents, split_heldout
+from nopetrain.eval.config import (
+    EvalConfig,
+    GateConfig,
+    LogitScaleConfig,
+    NiahConfig,
+    PairedConfig,
+    PerplexityConfig,
+    ReportConfig,
+    RopeScalingConfig,
+    validate,
+)
+from nopetrain.eval.evaluate import check_report_methods, rate, scored_documents, split_heldout
 from nopetrain.eval.models import LoadedModel
+from nopetrain.eval.partial import Progress, Unit, UnitStore, fingerprint
 from nopetrain.eval.perplexity import perplexity, same_documents
-from nopetrain.eval.report import write_report
+from nopetrain.eval.report import COLUMNS, TRIAL_COLUMNS, TRIAL_METRIC, markdown, write_report
 from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
+from nopetrain.eval.stats import bootstrap_mean, mcnemar, wilson
 from nopetrain.model import Transformer
 
 from .helpers import REPO
@@ -243,6 +255,10 @@ def test_perplexity_uses_the_same_documents_at_every_length():
     model = tiny_model()
     result = perplexity(model, found[64], 32, 2)
     assert (result.documents, result.tokens, [first for first, _ in result.buckets]) == (2, 128, [0, 32])
+    # Each document's mean NLL is its own perplexity's log; equal lengths make their mean the overall one.
+    alone = [perplexity(model, [document], 32, 1).ppl for document in found[64]]
+    assert [math.exp(nll) for nll in result.document_nll] == pytest.approx(alone, rel=1e-9)
+    assert math.exp(sum(result.document_nll) / 2) == pytest.approx(result.ppl, rel=1e-12)
 
 
 def test_too_few_documents_for_the_largest_factor_is_one_line_naming_it(caplog):
@@ -329,21 +345,36 @@ def test_haystacks_are_prose_without_lookup_lines():
 
 
 def test_teacher_forced_scoring_agrees_with_greedy_decoding():
-    """A trial scores 1 exactly when greedy decoding writes its answer tokens first."""
+    """A trial scores 1 exactly when greedy decoding writes its answer tokens first, whether it shares a batch with
+    trials of other answer lengths or not."""
     model = tiny_model()
     prompts = [
-        [int(t) for t in torch.randint(3, 64, (12,), generator=torch.Generator().manual_seed(s))] for s in (0, 1)
+        [int(t) for t in torch.randint(3, 64, (12,), generator=torch.Generator().manual_seed(s))] for s in range(5)
     ]
     written = niah.generate_greedy(model, prompts, max_new_tokens=3, eos_id=-1)
-    assert niah.teacher_forced_scores(model, prompts, written) == [1.0, 1.0]
+    assert niah.teacher_forced_scores(model, prompts[:2], written[:2]) == [1.0, 1.0]
     other = [*written[1][:-1], (written[1][-1] + 1) % 64]
-    assert niah.teacher_forced_scores(model, prompts, [written[0], other]) == [1.0, 0.0]
+    assert niah.teacher_forced_scores(model, prompts[:2], [written[0], other]) == [1.0, 0.0]
+    answers = [written[0], other, written[2][:1], [(written[3][0] + 1) % 64], written[4][:2]]
+    expected = [1.0, 0.0, 1.0, 0.0, 1.0]
+    for batch_size in (1, 2, 8):
+        assert niah.teacher_forced_scores(model, prompts, answers, batch_size) == expected
 
 
 def test_answer_ids_are_the_tokens_after_the_question():
     question, answer = "Question: what is the value of the key calm river?\nAnswer:", "1234567"
     ids = niah.answer_ids(char_encode, question, answer)
     assert bytes(ids).decode() == " 1234567"
+
+    def decode(ids: list[int]) -> str:
+        return bytes(ids).decode()
+
+    prompt = char_encode([f"some haystack\n{question}"])[0]
+    assert niah.ends_like_question(prompt, question, char_encode, decode)
+    assert not niah.ends_like_question([*prompt[:-1], ord(";")], question, char_encode, decode)
+    # The question's first line may tokenize differently in context; its last line ("Answer:") may not.
+    assert niah.ends_like_question(prompt[:-25] + char_encode(["\nAnswer:"])[0], question, char_encode, decode)
+    assert not niah.ends_like_question(char_encode(["x Answer:"])[0], question, char_encode, decode)
 
 
 def test_scoring_is_exact_match_on_seven_digit_values():
@@ -356,28 +387,36 @@ def test_scoring_is_exact_match_on_seven_digit_values():
     assert niah.answered(" 1234567", 1) and not niah.answered(" 12345", 1) and niah.answered(" no\n", 2)
 
 
+def niah_row(model: str, method: str, factor: int, successes: int, n: int, **extra) -> dict:
+    """A NIAH task's mean as evaluate writes it, with its Wilson interval."""
+    low, high = wilson(successes, n)
+    cell = {"model": model, "method": method, "context_factor": factor, "context_len": 64 * factor, "metric": "niah"}
+    rate = {"value": successes / n, "ci_low": low, "ci_high": high, "interval": "wilson", "n": n}
+    return {**cell, "task": "standard", **rate, "successes": successes, "scoring": "teacher_forced", **extra}
+
+
+def trial_rows(model: str, method: str, factor: int, scores: list[float], prompts: str = "p") -> list[dict]:
+    common = {"model": model, "method": method, "context_factor": factor, "context_len": 64 * factor}
+    return [
+        {**common, "metric": TRIAL_METRIC, "task": "standard", "trial": i, "value": v, "prompt_sha256": f"{prompts}{i}"}
+        for i, v in enumerate(scores)
+    ]
+
+
 def test_report_files(tmp_path):
     rows = [
         {"model": "a", "method": m, "context_factor": f, "context_len": 64 * f, "metric": "ppl", "value": v, "n": 2}
-        | {"tokens": 128 * f}
+        | {"tokens": 128 * f, "ci_low": v - 1, "ci_high": v + 1, "interval": "bootstrap"}
         for m, f, v in [("none", 1, 10.0), ("none", 2, 20.0), ("yarn", 1, 10.0), ("yarn", 2, 14.0)]
     ]
     fit = {"model": "b", "method": "logit_scale", "context_factor": None, "metric": "logit_scale_c", "value": -0.25}
     rows.append(fit | {"n": 4, "tokens": 512, "source": "web", "boundary": "low"})
     rows += [
-        {
-            "model": "a",
-            "method": "none",
-            "context_factor": f,
-            "context_len": 64 * f,
-            "metric": "niah",
-            "task": "standard",
-        }
-        | ({"depth": d} if d is not None else {})
-        | {"value": v, "n": 4}
-        for f, d, v in [(1, None, 0.5), (1, 0.0, 1.0), (1, 1.0, 0.0), (2, None, 0.25), (2, 0.0, 0.5), (2, 1.0, 0.0)]
+        niah_row("a", "none", f, k, 4) | ({"depth": d} if d is not None else {})
+        for f, d, k in [(1, None, 2), (1, 0.0, 4), (1, 1.0, 0), (2, None, 1), (2, 0.0, 2), (2, 1.0, 0)]
     ]
     rows.append({**rows[0], "metric": "ppl_bucket", "position": 0})
+    rows += trial_rows("a", "none", 1, [1.0, 0.0, 1.0, 0.0])
     files = write_report(rows, tmp_path / "report")
     assert sorted(files) == [
         "niah_by_depth.png",
@@ -386,15 +425,173 @@ def test_report_files(tmp_path):
         "ppl_vs_length.png",
         "results.csv",
         "results.md",
+        "trials.csv",
     ]
     for name in files:
         if name.endswith(".png"):
             assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = files["results.md"].read_text()
-    assert "| a | yarn | 10.000 | 14.000 |" in table and "| a | none | 50.0 | 25.0 |" in table
+    assert "## Perplexity (95% bootstrap interval over documents)" in table
+    assert "| a | yarn | 10.000 [9.000, 11.000] | 14.000 [13.000, 15.000] |" in table
+    # Each rate beside its Wilson interval (2 of 4: [15.0, 85.0]); the title says how trials were scored and how many.
+    assert (
+        "## NIAH standard (success %, teacher-forced exact match of the answer tokens, n=4 trials per cell, 95% "
+        "Wilson interval)" in table
+    )
+    assert "| a | none | 50.0 [15.0, 85.0] | 25.0 [4.6, 69.9] |" in table
     assert "- a: 2 documents at every length; tokens 128 (1x) / 256 (2x)" in table
     assert "| b | -0.2500 | web: 4 documents, 512 tokens | at the low end of the interval" in table
-    assert len(files["results.csv"].read_text().splitlines()) == len(rows) + 1
+    assert not table.startswith("# Long-context evaluation\n\n**")  # no gate configured
+    results = files["results.csv"].read_text().splitlines()
+    assert len(results) == len(rows) - 4 + 1 and "niah_trial" not in files["results.csv"].read_text()
+    assert results[0] == ",".join(COLUMNS) and "ci_low,ci_high,interval,n,successes" in results[0]
+    trials = files["trials.csv"].read_text().splitlines()
+    assert trials[0] == ",".join(TRIAL_COLUMNS) and trials[1] == "a,none,1,64,standard,0,,p0,,1.0"
+
+
+def report_lines(rows: list[dict], **gate) -> list[str]:
+    return markdown(rows, ReportConfig(gate=GateConfig(**gate))).splitlines()
+
+
+def test_gate_says_whether_retrieval_was_learned_in_context():
+    rows = [niah_row("rope", "none", 1, 135, 300), niah_row("rope", "none", 2, 3, 300)]
+    below = report_lines(rows, model="rope")
+    assert below[:3] == [
+        "# Long-context evaluation",
+        "",
+        "**Underpowered: retrieval not learned in context.** rope standard NIAH at 1x: 45.0% [39.5, 50.7] (n=300) "
+        "< 80% gate; the comparisons beyond the context below carry no information about length generalisation.",
+    ]
+    rows[0] = niah_row("rope", "none", 1, 276, 300)
+    assert (
+        report_lines(rows, model="rope")[2] == "Gate passed: rope standard NIAH at 1x: 92.0% [88.4, 94.6] (n=300) "
+        ">= 80% gate."
+    )
+    # The gate's own threshold, method and factor; a cell that was not evaluated is said to be missing.
+    at_2x = report_lines(rows, model="rope", factor=2, threshold=0.01)[2]
+    assert at_2x.startswith("Gate passed: rope standard NIAH at 2x: 1.0% [")
+    assert report_lines(rows, model="rope", threshold=0.95)[2].startswith("**Underpowered")
+    assert report_lines(rows, model="rope", method="yarn")[2] == (
+        "**Gate not evaluated: no result for rope/yarn standard NIAH at 1x.** Without it, the comparisons beyond the "
+        "context below are not shown to carry information about length generalisation."
+    )
+
+
+def test_paired_comparison_is_mcnemar_on_the_same_prompts():
+    a = [1.0] * 10 + [0.0] * 2 + [1.0] * 5 + [0.0] * 3
+    b = [0.0] * 10 + [1.0] * 2 + [1.0] * 5 + [0.0] * 3
+    rows = [niah_row("drope", "logit_scale", 2, 15, 20), niah_row("rope", "yarn", 2, 7, 20)]
+    rows += trial_rows("drope", "logit_scale", 2, a) + trial_rows("rope", "yarn", 2, b)
+    rows += trial_rows("drope", "logit_scale", 4, a) + trial_rows("rope", "yarn", 4, b, prompts="q")
+    paired = [PairedConfig(a="drope/logit_scale", b="rope/yarn", tasks=["standard", "multi_key"], factors=[2, 4])]
+    table = markdown(rows, ReportConfig(paired=paired))
+    section = table[table.index("## Paired comparison (McNemar, same prompts)") :].splitlines()
+    _, _, p = mcnemar([v == 1 for v in a], [v == 1 for v in b])
+    assert section[2] == (
+        "| a | b | task | factor | n | a right % | b right % | a only right | b only right | p (exact, two-sided) |"
+    )
+    assert section[4:8] == [
+        f"| drope/logit_scale | rope/yarn | standard | 2x | 20 | 75.0 | 35.0 | 10 | 2 | {p:.3g} |",
+        "| drope/logit_scale | rope/yarn | standard | 4x | - | - | - | - | - | not the same prompts |",
+        "| drope/logit_scale | rope/yarn | multi_key | 2x | - | - | - | - | - | "
+        "no trials for drope/logit_scale and rope/yarn |",
+        "| drope/logit_scale | rope/yarn | multi_key | 4x | - | - | - | - | - | "
+        "no trials for drope/logit_scale and rope/yarn |",
+    ]
+    assert "a trial is right with all" not in table
+    # Greedy per-value recall: only a whole answer (score 1) is right, and the table says so.
+    rows = trial_rows("drope", "logit_scale", 2, [1.0, 0.5, 0.75, 0.0]) + trial_rows("rope", "yarn", 2, [0.5] * 4)
+    table = markdown(rows, ReportConfig(paired=paired[:1]))
+    assert "| drope/logit_scale | rope/yarn | standard | 2x | 4 | 25.0 | 0.0 | 1 | 0 | 1 |" in table
+    assert "a trial is right with all" in table
+
+
+def test_a_rate_has_a_wilson_interval_when_scores_are_0_or_1_else_a_bootstrap():
+    binary = rate([1.0, 0.0, 1.0, 1.0], seed=0)
+    assert binary == {"value": 0.75, "ci_low": wilson(3, 4)[0], "ci_high": wilson(3, 4)[1], "interval": "wilson"} | {
+        "n": 4,
+        "successes": 3,
+    }
+    fractional = rate([1.0, 0.5, 0.25, 0.0, 0.75], seed=0)
+    assert (fractional["interval"], fractional["successes"], fractional["value"]) == ("bootstrap", 1, 0.5)
+    assert (fractional["ci_low"], fractional["ci_high"]) == bootstrap_mean([1.0, 0.5, 0.25, 0.0, 0.75], seed=0)
+
+
+def test_report_cells_name_evaluated_models_methods_tasks_and_factors():
+    def config(**report) -> EvalConfig:
+        return EvalConfig(
+            models={"rope": "runs/rope", "drope": "runs/drope"},
+            out="o",
+            niah=NiahConfig(tasks=["standard"]),
+            rope_scaling=RopeScalingConfig(methods=["yarn"]),
+            report=ReportConfig(**report),
+        )
+
+    validate(config(gate=GateConfig(model="rope"), paired=[PairedConfig(a="drope/logit_scale", b="rope/yarn")]))
+    for report, message in [
+        ({"gate": GateConfig(model="nope")}, "report.gate names model 'nope'; the evaluated models are"),
+        ({"gate": GateConfig(model="rope", threshold=80)}, r"report.gate.threshold=80 must be in \(0, 1\]"),
+        ({"gate": GateConfig(model="rope", factor=3)}, r"report.gate names factor 3, not among factors=\[1, 2, 4, 8\]"),
+        (
+            {"paired": [PairedConfig(a="drope/logit_scale", b="rope/pi")]},
+            r"report\.paired\[0\]\.b names method 'pi'; the evaluated methods are \['none', 'yarn', 'logit_scale'\]",
+        ),
+        ({"paired": [PairedConfig(a="drope", b="rope/yarn")]}, r"report.paired\[0\].a='drope' must be model/method"),
+        (
+            {"paired": [PairedConfig(a="drope/none", b="rope/none", tasks=["multi_key"])]},
+            r"report.paired\[0\].a names task 'multi_key', not among niah.tasks=\['standard'\]",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate(config(**report))
+    with pytest.raises(ConfigError, match=r"niah\.scoring='beam' must be one of"):
+        validate(EvalConfig(checkpoint="runs/x", out="o", niah=NiahConfig(scoring="beam")))
+    # Whether a model has the method is known once it is loaded (RoPE layers or not).
+    cfg = config(paired=[PairedConfig(a="drope/yarn", b="rope/yarn")])
+    with pytest.raises(ConfigError, match=r"report.paired\[0\].a names drope/yarn, but drope is evaluated with"):
+        check_report_methods("drope", ["none", "logit_scale"], cfg)
+    check_report_methods("rope", ["none", "yarn"], cfg)
+
+
+def test_progress_estimates_the_time_left_by_length_factor():
+    units = [Unit("a", "none", 1), Unit("a", "none", 2), Unit("a", "none", 4), Unit("a", "logit_scale", 8)]
+    progress = Progress(units)
+    progress.drop(units[3:])  # no logit scale could be fitted
+    # 10 s for factor 1: 10 s per factor, 6 factors to go.
+    assert progress.computed(units[0], 10.0) == "1/3 units done, ~1.0 min left"
+    progress.reused(units[1])  # costs nothing and leaves 4 factors
+    assert progress.computed(units[2], 70.0) == "3/3 units done, ~0.0 min left"
+
+
+def test_a_units_fingerprint_changes_with_what_its_rows_depend_on():
+    base = EvalConfig(models={"a": "runs/a"}, out="o")
+    model = {"checkpoint": "runs/a/checkpoints/step_00000008", "step": 8, "checksums_sha256": "ab"}
+    same = fingerprint(base, model, None)
+    unrelated = EvalConfig(
+        models={"a": "runs/a", "b": "runs/b"},
+        out="elsewhere",
+        device="cpu",
+        rope_scaling=RopeScalingConfig(methods=["yarn"]),
+        report=ReportConfig(gate=GateConfig(model="a")),
+        logit_scale=LogitScaleConfig(refit=True),
+    )
+    assert fingerprint(unrelated, model, None) == same
+    assert fingerprint(EvalConfig(models={"a": "runs/a"}, out="o", niah=NiahConfig(trials=3)), model, None) != same
+    assert fingerprint(base, model, 0.25) != same
+    # Another step, or the same step trained again in place (other weights, so other checksums).
+    for changed in ({"step": 10}, {"checksums_sha256": "cd"}):
+        assert fingerprint(base, {**model, **changed}, None) != same
+
+
+def test_unit_files_round_trip_rows_and_an_unreadable_one_matches_no_fingerprint(tmp_path):
+    store, unit = UnitStore(tmp_path), Unit("rope", "yarn", 2)
+    assert store.read(unit) is None
+    rows = [{"metric": "niah", "value": 0.1 + 0.2, "depth": None, "n": 3, "ci_low": 1e-300}]
+    store.write(unit, "abc", {"checkpoint": "runs/rope", "step": 8, "checksums_sha256": None}, rows)
+    assert store.read(unit) == ("abc", rows)
+    assert [p.name for p in (tmp_path / "partial" / "rope").iterdir()] == ["yarn_2x.json"]
+    store.path(unit).write_text('{"rows": []')
+    assert store.read(unit) == ("", [])
 
 
 def test_module_imports_stay_light():

@@ -99,6 +99,28 @@ def test_prompts_tokenize_needles_and_questions_as_training_does(corpus: Path, t
                 assert key_ids(line_ids(prompt, encoder.decode, needle), encoder.decode, key) == asked, key
 
 
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_teacher_forced_answers_continue_the_prompt_as_a_training_document(corpus: Path, task: str) -> None:
+    """The answer ids that teacher forcing scores are those a training look-up document has after its question, and
+    an evaluation prompt ends with the ids that precede them there: prompt + answer is the whole text's tokenization
+    in training."""
+    encoder = load(describe(str(corpus / "tokenizer.model")))
+    haystacks, _ = read_documents(str(corpus / "heldout" / "web"), 1024)
+    filler = niah.haystack_for(haystacks, random.Random(1), 2000, encoder.decode)
+    for seed in range(4):
+        text = niah.needle_task(random.Random(seed), task)
+        training = encoder.encode([lookup_document(random.Random(seed), task, filler, encoder, SEQ_LEN + 1)])[0]
+        answer = niah.answer_ids(encoder.encode, text.question, text.answer_text)
+        assert encoder.decode(answer).strip() == text.answer_text
+        haystack = niah.haystack_for(haystacks, random.Random(seed), 512, encoder.decode)
+        depths = [random.Random(seed).random() for _ in text.needles]
+        prompt = niah.build_prompt(text, haystack, depths, 512, encoder.encode)
+        assert niah.ends_like_question(prompt, text.question, encoder.encode, encoder.decode)
+        question = line_ids(prompt, encoder.decode, text.question.split("\n")[0])
+        start = max(i for i in range(len(prompt)) if prompt[i : i + len(question)] == question)
+        assert [*prompt[start:], *answer] == training[-(len(prompt) - start + len(answer)) :]
+
+
 def test_build_lookup_writes_a_source_of_whole_documents(corpus: Path) -> None:
     documents, tokenizer = read_documents(str(corpus / "train" / "lookup"), 1024)
     raw = (corpus / "raw" / "train" / "lookup.jsonl").read_text().splitlines()

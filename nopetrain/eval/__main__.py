@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, DataError) as err:
         print(f"nopetrain-eval: error: {err}", file=sys.stderr)
         sys.exit(2)
-    files = write_report(rows, eval_cfg.out, eval_cfg.wandb)
+    files = write_report(rows, eval_cfg.out, eval_cfg.report, eval_cfg.wandb)
     print(f"wrote {', '.join(str(path) for path in files.values())}")
 
 

@@ -14,6 +14,9 @@ from nopetrain.eval.rope_scaling import METHODS as ROPE_METHODS
 from nopetrain.eval.rope_scaling import YARN_RAMPS
 
 NIAH_TASKS = ("standard", "multi_key", "multi_query", "multi_value")
+# greedy: decode and compare the values written (per-value recall for several); teacher_forced: one forward pass over
+# prompt + answer, 1 when every answer token is the argmax (whole-answer exact match, what greedy would write first).
+NIAH_SCORING = ("greedy", "teacher_forced")
 
 
 @dataclass
@@ -55,6 +58,8 @@ class NiahConfig:
     # Decoding stops after the expected answer's length in tokens + 2, at most this, or once the answer is complete.
     max_new_tokens: int = 64
     batch_size: int = 8
+    # One of NIAH_SCORING; the report's NIAH titles say which.
+    scoring: str = "greedy"
 
 
 @dataclass
@@ -74,6 +79,32 @@ class LogitScaleConfig:
     sources: list[str] = field(default_factory=lambda: ["web"])
     # Documents per fit source, the same ones at every target length (the first long enough for the longest).
     documents: int = 8
+
+
+@dataclass
+class GateConfig:
+    # The cell that must show retrieval learned in context before comparisons beyond it mean anything; model null:
+    # no gate, else results.md opens with whether the cell reached the threshold.
+    model: str | None = None
+    method: str = "none"
+    task: str = "standard"
+    factor: int = 1
+    threshold: float = 0.8
+
+
+@dataclass
+class PairedConfig:
+    # Two series as "model/method", compared by McNemar's exact test on the same prompts at each task and factor.
+    a: str = "???"
+    b: str = "???"
+    tasks: list[str] = field(default_factory=lambda: ["standard"])
+    factors: list[int] = field(default_factory=lambda: [2])
+
+
+@dataclass
+class ReportConfig:
+    gate: GateConfig = field(default_factory=GateConfig)
+    paired: list[PairedConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -106,12 +137,55 @@ class EvalConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     niah: NiahConfig = field(default_factory=NiahConfig)
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     wandb: EvalWandbConfig = field(default_factory=EvalWandbConfig)
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def model_specs(cfg: EvalConfig) -> dict[str, str]:
+    """Display name -> checkpoint spec of every model the config names (one `checkpoint`: its last path part)."""
+    if cfg.models:
+        return dict(cfg.models)
+    spec = cfg.checkpoint.rstrip("/")
+    return {spec.removeprefix("hf:").rsplit("/", 1)[-1]: spec}
+
+
+def split_series(series: str) -> tuple[str, str]:
+    """ "model/method" -> (model, method); a model name has no "/"."""
+    model, _, method = series.rpartition("/")
+    return model, method
+
+
+def _validate_cell(cfg: EvalConfig, key: str, model: str, method: str, tasks: list[str], factors: list[int]) -> None:
+    """A report cell's model, method, tasks and factors are among those evaluated (whether the model has the method
+    is known once it is loaded: `evaluate` checks it then)."""
+    names = list(model_specs(cfg))
+    _require(model in names, f"{key} names model {model!r}; the evaluated models are {names}")
+    methods = ["none", *cfg.rope_scaling.methods, *(["logit_scale"] if cfg.logit_scale.enabled else [])]
+    _require(method in methods, f"{key} names method {method!r}; the evaluated methods are {methods}")
+    _require(cfg.niah.enabled, f"{key} compares NIAH results, but niah.enabled=false")
+    for task in tasks:
+        _require(task in cfg.niah.tasks, f"{key} names task {task!r}, not among niah.tasks={list(cfg.niah.tasks)}")
+    for factor in factors:
+        _require(factor in cfg.factors, f"{key} names factor {factor}, not among factors={list(cfg.factors)}")
+
+
+def _validate_report(cfg: EvalConfig) -> None:
+    gate = cfg.report.gate
+    if gate.model is not None:
+        _validate_cell(cfg, "report.gate", gate.model, gate.method, [gate.task], [gate.factor])
+        _require(0 < gate.threshold <= 1, f"report.gate.threshold={gate.threshold} must be in (0, 1]")
+    for index, pair in enumerate(cfg.report.paired):
+        key = f"report.paired[{index}]"
+        _require(bool(pair.tasks) and bool(pair.factors), f"{key}: tasks and factors must not be empty")
+        for side in ("a", "b"):
+            model, method = split_series(getattr(pair, side))
+            _require(bool(model), f"{key}.{side}={getattr(pair, side)!r} must be model/method")
+            _validate_cell(cfg, f"{key}.{side}", model, method, pair.tasks, pair.factors)
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -145,6 +219,7 @@ def validate(cfg: EvalConfig) -> None:
     for key in ("trials", "needles", "max_new_tokens", "batch_size"):
         value = getattr(cfg.niah, key)
         _require(value > 0, f"niah.{key}={value} must be positive")
+    _require(cfg.niah.scoring in NIAH_SCORING, f"niah.scoring={cfg.niah.scoring!r} must be one of {NIAH_SCORING}")
     _require(
         bool(cfg.niah.depths) and all(0.0 <= d <= 1.0 for d in cfg.niah.depths),
         f"niah.depths={list(cfg.niah.depths)} must be fractions in [0, 1]",
@@ -168,6 +243,7 @@ def validate(cfg: EvalConfig) -> None:
         cfg.wandb.mode in ("online", "offline", "disabled"),
         f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",
     )
+    _validate_report(cfg)
 
 
 def register_configs() -> None:

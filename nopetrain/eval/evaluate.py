@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from nopetrain.config import ConfigError
+from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.data.streaming import read_documents
-from nopetrain.data_pipelines.encoders import sha256_file
+from nopetrain.data_pipelines.encoders import Encoder, sha256_file
 from nopetrain.eval import logit_scale, niah
-from nopetrain.eval.config import EvalConfig, validate
-from nopetrain.eval.models import LoadedModel, apply_logit_scale, load_model
+from nopetrain.eval.config import EvalConfig, model_specs, split_series, validate
+from nopetrain.eval.models import LoadedModel, apply_logit_scale, architecture, load_model
+from nopetrain.eval.partial import Progress, Unit, UnitStore, fingerprint
 from nopetrain.eval.perplexity import perplexity, same_documents
-from nopetrain.eval.report import FIT_METRIC
+from nopetrain.eval.report import FIT_METRIC, TRIAL_METRIC
 from nopetrain.eval.rope_scaling import RopeScaling
+from nopetrain.eval.stats import bootstrap_mean, bootstrap_ppl, wilson
 
 log = logging.getLogger("nopetrain.eval")
 
 Row = dict[str, Any]
 # Tokens NIAH decoding may write beyond the length of the expected answer (a leading space, a separator).
 ANSWER_SLACK = 2
-# A NIAH trial: the standard task's needle depth (None for the other tasks), the task's text, the prompt.
-Trial = tuple[float | None, niah.NeedleTask, list[int]]
 
 
 def heldout_documents(paths: list[str], vocab_size: int, tokenizer_sha256: str) -> dict[str, list[np.ndarray]]:
@@ -58,13 +62,6 @@ def split_heldout(
     return report, fit
 
 
-def model_specs(cfg: EvalConfig) -> dict[str, str]:
-    if cfg.models:
-        return dict(cfg.models)
-    spec = cfg.checkpoint.rstrip("/")
-    return {spec.removeprefix("hf:").rsplit("/", 1)[-1]: spec}
-
-
 def device_for(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,10 +70,10 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-def methods_for(loaded: LoadedModel, cfg: EvalConfig) -> list[str]:
+def methods_for(model_config: ModelConfig, cfg: EvalConfig) -> list[str]:
     """`none`, plus the RoPE-scaling methods for models with RoPE layers, or `logit_scale` for all-NoPE ones."""
     methods = ["none"]
-    if loaded.any_rope:
+    if any(model_config.rope_layers()):
         methods += list(cfg.rope_scaling.methods)
     elif cfg.logit_scale.enabled and any(factor > 1 for factor in cfg.factors):
         methods.append("logit_scale")
@@ -177,12 +174,15 @@ def scored_documents(loaded: LoadedModel, documents: list[np.ndarray], cfg: Eval
 
 
 def perplexity_rows(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalConfig) -> list[Row]:
-    """Perplexity overall and per position bucket of `documents` (each L + 1 tokens), with documents and tokens."""
+    """Perplexity overall (with a 95% bootstrap interval over documents) and per position bucket of `documents`
+    (each L + 1 tokens), with documents and tokens."""
     if not documents:
         return []
     bucket = cfg.perplexity.bucket or loaded.train_context
     result = perplexity(loaded.model, documents, bucket, cfg.perplexity.batch_size)
-    rows = [{"metric": "ppl", "value": result.ppl, "n": result.documents, "tokens": result.tokens}]
+    low, high = bootstrap_ppl(result.document_nll, seed=cfg.seed)
+    interval = {"ci_low": low, "ci_high": high, "interval": "bootstrap"}
+    rows = [{"metric": "ppl", "value": result.ppl, **interval, "n": result.documents, "tokens": result.tokens}]
     rows += [
         {
             "metric": "ppl_bucket",
@@ -196,122 +196,264 @@ def perplexity_rows(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalC
     return rows
 
 
+@dataclass
+class Trial:
+    # The standard task's needle depth; None for the other tasks, whose needles go to random depths.
+    depth: float | None
+    text: niah.NeedleTask
+    # int32: a trial cache holds every (task, length)'s prompts for the whole evaluation.
+    prompt: np.ndarray
+    # The answer's ids after the question, as a training look-up document has them (teacher forcing scores these).
+    answer: list[int]
+    # Names the prompt in trials.csv, so that "the same prompts for every arm" can be checked there.
+    prompt_sha256: str
+
+
 def niah_trials(
-    loaded: LoadedModel, haystacks: list[np.ndarray], task: str, length: int, cfg: EvalConfig
+    tokenizer: Encoder, haystacks: list[np.ndarray], task: str, length: int, cfg: EvalConfig
 ) -> list[Trial]:
-    """(depth for the standard task, task text, prompt) of every trial, its haystack from the held-out prose
-    `haystacks`; the same seed gives the same trials. Raises ValueError when the prompt cannot be built."""
+    """Every trial of `task` at `length` tokens, its haystack from the held-out prose `haystacks`; the same seed
+    gives the same trials. Raises ValueError when a prompt cannot be built, or when it does not end with the
+    question's ids as the answer's ids assume."""
     trials = []
-    for trial in range(cfg.niah.trials):
-        rng = random.Random(f"{cfg.seed}/{task}/{length}/{trial}")
+    for index in range(cfg.niah.trials):
+        rng = random.Random(f"{cfg.seed}/{task}/{length}/{index}")
         text = niah.needle_task(rng, task, cfg.niah.needles)
-        haystack = niah.haystack_for(haystacks, rng, length, loaded.tokenizer.decode)
+        haystack = niah.haystack_for(haystacks, rng, length, tokenizer.decode)
         # The standard task's trials go round the depths; the others place their needles at random.
-        depth = cfg.niah.depths[trial % len(cfg.niah.depths)] if task == "standard" else None
+        depth = cfg.niah.depths[index % len(cfg.niah.depths)] if task == "standard" else None
         depths = [depth] if depth is not None else [rng.random() for _ in text.needles]
-        trials.append((depth, text, niah.build_prompt(text, haystack, depths, length, loaded.tokenizer.encode)))
+        prompt = np.asarray(niah.build_prompt(text, haystack, depths, length, tokenizer.encode), dtype=np.int32)
+        if not niah.ends_like_question(prompt.tolist(), text.question, tokenizer.encode, tokenizer.decode):
+            raise ValueError("the prompt's last tokens are not the question's as it encodes alone")
+        answer = niah.answer_ids(tokenizer.encode, text.question, text.answer_text)
+        trials.append(Trial(depth, text, prompt, answer, hashlib.sha256(prompt.tobytes()).hexdigest()[:16]))
     return trials
 
 
-def niah_scores(
-    loaded: LoadedModel, trials: list[tuple[float | None, niah.NeedleTask, list[int]]], cfg: EvalConfig
-) -> list[float]:
-    """Each trial's score from greedy decoding, in batches of niah.batch_size."""
+class SharedTrials:
+    """The NIAH trials of each (task, length), built once per tokenizer and then scored by every model and method
+    with that tokenizer: all arms answer the same prompts (and the haystacks are encoded once)."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.cfg = cfg
+        # (tokenizer sha256, task, length) -> trials; None where the prompts cannot be built (logged once).
+        self.built: dict[tuple[str, str, int], list[Trial] | None] = {}
+
+    def get(
+        self, tokenizer: Encoder, tokenizer_sha256: str, haystacks: list[np.ndarray], task: str, length: int
+    ) -> list[Trial] | None:
+        key = (tokenizer_sha256, task, length)
+        if key not in self.built:
+            started = time.perf_counter()
+            try:
+                self.built[key] = niah_trials(tokenizer, haystacks, task, length, self.cfg)
+            except ValueError as err:
+                log.warning("NIAH %s at %d tokens skipped: %s", task, length, err)
+                self.built[key] = None
+            else:
+                log.info(
+                    "NIAH %s at %d tokens: %d trials built in %.1fs, shared by every model and method",
+                    task,
+                    length,
+                    self.cfg.niah.trials,
+                    time.perf_counter() - started,
+                )
+        return self.built[key]
+
+
+def niah_scores(loaded: LoadedModel, trials: list[Trial], cfg: EvalConfig) -> list[float]:
+    """Each trial's score, by greedy decoding or teacher forcing (niah.scoring), in batches of niah.batch_size."""
+    if cfg.niah.scoring == "teacher_forced":
+        prompts = [trial.prompt.tolist() for trial in trials]
+        return niah.teacher_forced_scores(loaded.model, prompts, [t.answer for t in trials], cfg.niah.batch_size)
     decode = loaded.tokenizer.decode
     scores = []
     for start in range(0, len(trials), cfg.niah.batch_size):
-        texts = [text for _, text, _ in trials[start : start + cfg.niah.batch_size]]
-        prompts = [prompt for _, _, prompt in trials[start : start + cfg.niah.batch_size]]
+        batch = trials[start : start + cfg.niah.batch_size]
 
-        def finished(row: int, output: list[int], texts: list[niah.NeedleTask] = texts) -> bool:
-            return niah.answered(decode(output), len(texts[row].answers))
+        def finished(row: int, output: list[int], batch: list[Trial] = batch) -> bool:
+            return niah.answered(decode(output), len(batch[row].text.answers))
 
         # A longer output cannot be an exact answer, and decoding without a KV cache is the cost of NIAH.
-        needed = max(len(tokens) for tokens in loaded.tokenizer.encode([f" {text.answer_text}" for text in texts]))
-        budget = min(cfg.niah.max_new_tokens, needed + ANSWER_SLACK)
+        budget = min(cfg.niah.max_new_tokens, max(len(trial.answer) for trial in batch) + ANSWER_SLACK)
+        prompts = [trial.prompt.tolist() for trial in batch]
         outputs = niah.generate_greedy(loaded.model, prompts, budget, loaded.eos_id, finished)
-        scores += [niah.score(decode(output), text.answers) for text, output in zip(texts, outputs, strict=True)]
+        scores += [niah.score(decode(output), t.text.answers) for t, output in zip(batch, outputs, strict=True)]
     return scores
 
 
-def niah_rows(loaded: LoadedModel, haystacks: list[np.ndarray], length: int, cfg: EvalConfig) -> list[Row]:
-    """Per task its success rate; for the standard task also per depth."""
+def rate(scores: list[float], seed: int) -> Row:
+    """A success rate with its trials, the trials scored 1 and its 95% interval: Wilson's when every score is 0 or
+    1, else a percentile bootstrap over trials of the mean (greedy per-value recall of several values)."""
+    successes = sum(score == 1.0 for score in scores)
+    binary = all(score in (0.0, 1.0) for score in scores)
+    low, high = wilson(successes, len(scores)) if binary else bootstrap_mean(scores, seed=seed)
+    return {
+        "value": float(np.mean(scores)),
+        "ci_low": low,
+        "ci_high": high,
+        "interval": "wilson" if binary else "bootstrap",
+        "n": len(scores),
+        "successes": successes,
+    }
+
+
+def niah_rows(
+    loaded: LoadedModel,
+    trials_for: Callable[[str, int], list[Trial] | None],
+    length: int,
+    cfg: EvalConfig,
+) -> list[Row]:
+    """Per task its success rate, for the standard task also per depth, and every trial's score (TRIAL_METRIC
+    rows); `trials_for(task, length)` gives the shared trials."""
     rows = []
     for task in cfg.niah.tasks:
-        try:
-            trials = niah_trials(loaded, haystacks, task, length, cfg)
-        except ValueError as err:
-            log.warning("%s: NIAH %s at %d tokens skipped: %s", loaded.name, task, length, err)
+        trials = trials_for(task, length)
+        if trials is None:
             continue
         scores = niah_scores(loaded, trials, cfg)
-        rows.append({"metric": "niah", "task": task, "value": float(np.mean(scores)), "n": len(scores)})
+        common = {"metric": "niah", "task": task, "scoring": cfg.niah.scoring}
+        rows.append({**common, **rate(scores, cfg.seed)})
         if task == "standard":
-            for depth in dict.fromkeys(d for d, _, _ in trials):
-                at_depth = [score for score, (d, _, _) in zip(scores, trials, strict=True) if d == depth]
-                row = {"metric": "niah", "task": task, "depth": depth, "value": float(np.mean(at_depth))}
-                rows.append({**row, "n": len(at_depth)})
+            for depth in dict.fromkeys(trial.depth for trial in trials):
+                at_depth = [score for score, trial in zip(scores, trials, strict=True) if trial.depth == depth]
+                rows.append({**common, "depth": depth, **rate(at_depth, cfg.seed)})
+        for index, (trial, score) in enumerate(zip(trials, scores, strict=True)):
+            trial_row = {"metric": TRIAL_METRIC, "trial": index, "depth": trial.depth, "value": score}
+            rows.append({**common, **trial_row, "prompt_sha256": trial.prompt_sha256})
     return rows
+
+
+def check_report_methods(name: str, methods: list[str], cfg: EvalConfig) -> None:
+    """The report's gate and paired series that name model `name` use a method it is evaluated with (known only
+    once it is loaded: RoPE layers or not, a logit scale fitted or not)."""
+    gate = cfg.report.gate
+    cells = [] if gate.model is None else [("report.gate", gate.model, gate.method)]
+    for index, pair in enumerate(cfg.report.paired):
+        cells += [(f"report.paired[{index}].{side}", *split_series(getattr(pair, side))) for side in ("a", "b")]
+    for key, model, method in cells:
+        if model == name and method not in methods:
+            raise ConfigError(f"{key} names {model}/{method}, but {model} is evaluated with methods {methods}")
+
+
+def unit_rows(
+    loaded: LoadedModel,
+    unit: Unit,
+    documents: list[np.ndarray],
+    trials_for: Callable[[str, int], list[Trial] | None],
+    cfg: EvalConfig,
+) -> list[Row]:
+    """The rows of one unit: perplexity of `documents` (cut to the unit's length) and NIAH, the model already
+    configured for the unit's method and length."""
+    length = unit.factor * loaded.train_context
+    found = []
+    if cfg.perplexity.enabled:
+        found += perplexity_rows(loaded, documents, cfg)
+    if cfg.niah.enabled:
+        found += niah_rows(loaded, trials_for, length, cfg)
+    common = {"model": loaded.name, "method": unit.method, "context_factor": unit.factor, "context_len": length}
+    return [{**common, **row} for row in found]
 
 
 def evaluate_model(
     loaded: LoadedModel,
     documents: list[np.ndarray],
-    haystacks: list[np.ndarray],
+    trials_for: Callable[[str, int], list[Trial] | None],
     fit_sources: dict[str, list[np.ndarray]],
     cfg: EvalConfig,
+    store: UnitStore,
+    progress: Progress,
 ) -> list[Row]:
     """Rows for one loaded model: the fitted logit scale if it has one, then every method at every length (NIAH's
-    haystacks cut from `haystacks`)."""
-    methods = methods_for(loaded, cfg)
+    trials from `trials_for(task, length)`), each unit loaded from `store` when it finished before with the same
+    fingerprint, else computed and written there."""
+    methods = methods_for(loaded.model.config, cfg)
     fitted = fitted_scale(loaded, fit_sources, cfg) if "logit_scale" in methods else None
     if fitted is None and "logit_scale" in methods:
         methods.remove("logit_scale")
+        progress.drop([Unit(loaded.name, "logit_scale", factor) for factor in cfg.factors])
+    check_report_methods(loaded.name, methods, cfg)
     coef = fitted.coef if fitted is not None else 0.0
     rows = [] if fitted is None else [{"model": loaded.name, "context_factor": None, **fit_row(fitted)}]
+    units = [Unit(loaded.name, method, factor) for method in methods for factor in cfg.factors]
+    fingerprints = {
+        unit: fingerprint(cfg, loaded.identity, coef if unit.method == "logit_scale" else None) for unit in units
+    }
+    stored = {unit: store.read(unit) for unit in units}
+    finished = {unit: found[1] for unit, found in stored.items() if found and found[0] == fingerprints[unit]}
+    stale = sum(found is not None for unit, found in stored.items() if unit not in finished)
+    if finished or stale:
+        log.info(
+            "%s: %d of %d units reused from %s%s",
+            loaded.name,
+            len(finished),
+            len(units),
+            store.folder,
+            f"; {stale} there were computed with another config or checkpoint and are computed again" if stale else "",
+        )
     scored = scored_documents(loaded, documents, cfg) if cfg.perplexity.enabled else {}
-    for method in methods:
-        for factor in cfg.factors:
-            length = factor * loaded.train_context
-            configure(loaded, method, factor, cfg, coef)
-            started = time.perf_counter()
-            found = []
-            if cfg.perplexity.enabled:
-                found += perplexity_rows(loaded, scored[length], cfg)
-            if cfg.niah.enabled:
-                found += niah_rows(loaded, haystacks, length, cfg)
-            common = {"model": loaded.name, "method": method, "context_factor": factor, "context_len": length}
-            rows += [{**common, **row} for row in found]
-            summary = ", ".join(
-                f"{row['metric']}{'/' + row['task'] if row.get('task') else ''}={row['value']:.4g}"
-                for row in found
-                if row["metric"] != "ppl_bucket" and row.get("depth") is None
-            )
-            log.info(
-                "%s %s %dx (%d tokens): %s [%.1fs]",
-                loaded.name,
-                method,
-                factor,
-                length,
-                summary,
-                time.perf_counter() - started,
-            )
+    for unit in units:
+        if unit in finished:
+            rows += finished[unit]
+            progress.reused(unit)
+            continue
+        configure(loaded, unit.method, unit.factor, cfg, coef)
+        started = time.perf_counter()
+        found = unit_rows(loaded, unit, scored.get(unit.factor * loaded.train_context, []), trials_for, cfg)
+        store.write(unit, fingerprints[unit], loaded.identity, found)
+        rows += found
+        seconds = time.perf_counter() - started
+        summary = ", ".join(
+            f"{row['metric']}{'/' + row['task'] if row.get('task') else ''}={row['value']:.4g}"
+            for row in found
+            if row["metric"] in ("ppl", "niah") and row.get("depth") is None
+        )
+        log.info(
+            "%s %s %dx (%d tokens): %s [%.1fs]; %s",
+            *unit,
+            unit.factor * loaded.train_context,
+            summary,
+            seconds,
+            progress.computed(unit, seconds),
+        )
     return rows
+
+
+def plan(specs: dict[str, str], cfg: EvalConfig) -> list[Unit]:
+    """Every unit the config asks for, each model's methods from its architecture, read without its weights."""
+    return [
+        Unit(name, method, factor)
+        for name, spec in specs.items()
+        for method in methods_for(architecture(spec), cfg)
+        for factor in cfg.factors
+    ]
 
 
 def evaluate(cfg: EvalConfig) -> list[Row]:
     """Evaluates every model the config names; returns long-format rows: model, method, context_factor,
-    context_len, metric (ppl, ppl_bucket, niah, logit_scale_c), value, n (documents or trials), tokens (ppl and the
-    fit), and where they apply position (first position of a ppl bucket), task and depth (NIAH; rows without depth
-    are the task's mean), source and boundary (the fit: its held-out sources and "low"/"high" for an optimum at an
-    end of the search interval)."""
+    context_len, metric (ppl, ppl_bucket, niah, logit_scale_c, and TRIAL_METRIC: one NIAH trial's score), value,
+    ci_low and ci_high (95%; interval says how: Wilson, or a bootstrap over documents or trials), n (documents or
+    trials), successes (NIAH trials scored 1), tokens (ppl and the fit), scoring (NIAH: greedy or teacher_forced),
+    and where they apply position (first position of a ppl bucket), task and depth (NIAH; rows without depth are the
+    task's mean), trial and prompt_sha256 (a trial's index and prompt, the same for every model and method with the
+    same tokenizer), source and boundary (the fit: its held-out sources and "low"/"high" for an optimum at an end of
+    the search interval). Each model x method x factor unit is kept in OUT/partial/ as it finishes and reused by a
+    later evaluation of the same config and checkpoints (see nopetrain/eval/partial.py)."""
     validate(cfg)
     device = device_for(cfg.device)
+    specs = model_specs(cfg)
+    progress = Progress(plan(specs, cfg))
+    store = UnitStore(cfg.out)
+    shared = SharedTrials(cfg)
     rows = []
-    for name, spec in model_specs(cfg).items():
+    for name, spec in specs.items():
         loaded = load_model(name, spec, cfg.train_context, device)
-        sources = heldout_documents(cfg.heldout, loaded.model.config.vocab_size, sha256_file(loaded.tokenizer_path))
+        tokenizer_sha256 = sha256_file(loaded.tokenizer_path)
+        sources = heldout_documents(cfg.heldout, loaded.model.config.vocab_size, tokenizer_sha256)
         report, fit_sources = split_heldout(sources, cfg.logit_scale.sources if cfg.logit_scale.enabled else [])
         documents = [document for found in report.values() for document in found]
         haystacks = [d for path, found in report.items() if Path(path).name in cfg.niah.haystack for d in found]
-        rows += evaluate_model(loaded, documents, haystacks, fit_sources, cfg)
+        trials_for = functools.partial(shared.get, loaded.tokenizer, tokenizer_sha256, haystacks)
+        rows += evaluate_model(loaded, documents, trials_for, fit_sources, cfg, store, progress)
     return rows

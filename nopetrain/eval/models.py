@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from nopetrain.checkpoint import checkpoint_root, complete_checkpoints
+from nopetrain.checkpoint import CHECKSUMS, checkpoint_root, complete_checkpoints
 from nopetrain.config import ConfigError, ModelConfig
-from nopetrain.data_pipelines.encoders import Encoder, describe, load
+from nopetrain.data_pipelines.encoders import Encoder, describe, load, sha256_file
 from nopetrain.data_pipelines.errors import DataError as TokenizerError
 from nopetrain.eval import logit_scale
-from nopetrain.export import ExportError, read_checkpoint
-from nopetrain.hf import model_from_hf
+from nopetrain.export import ExportError, read_checkpoint, read_state
+from nopetrain.hf import folder_model_config, model_from_hf
 from nopetrain.model import Transformer
 
 
@@ -30,10 +31,14 @@ class LoadedModel:
     train_context: int
     # Where the fitted logit scale is stored: <checkpoint>/logit_scale.json.
     scale_file: Path
+    # The checkpoint's training step and the sha256 of its checksums.json (None for a Hugging Face folder): with
+    # `path`, which weights these are, also when a run is trained again in place to the same step.
+    step: int | None = None
+    checksums_sha256: str | None = None
 
     @property
-    def any_rope(self) -> bool:
-        return any(self.model.config.rope_layers())
+    def identity(self) -> dict[str, Any]:
+        return {"checkpoint": self.path, "step": self.step, "checksums_sha256": self.checksums_sha256}
 
 
 def _tokenizer(path: Path, source: str) -> tuple[Encoder, int]:
@@ -75,7 +80,16 @@ def _load_ours(name: str, path: Path) -> LoadedModel:
     model.load_state_dict(ckpt.weights, strict=True)
     context = trained_context(ckpt.state["config"])
     return LoadedModel(
-        name, str(ckpt_dir), model, tokenizer, tokenizer_path, eos_id, context, ckpt_dir / logit_scale.FILE
+        name,
+        str(ckpt_dir),
+        model,
+        tokenizer,
+        tokenizer_path,
+        eos_id,
+        context,
+        ckpt_dir / logit_scale.FILE,
+        ckpt.state["step"],
+        sha256_file(ckpt_dir / CHECKSUMS) if (ckpt_dir / CHECKSUMS).is_file() else None,
     )
 
 
@@ -91,6 +105,18 @@ def _load_hf(name: str, folder: Path) -> LoadedModel:
     return LoadedModel(
         name, str(folder), model, tokenizer, tokenizer_path, eos_id, int(context), folder / logit_scale.FILE
     )
+
+
+def architecture(spec: str) -> ModelConfig:
+    """The model config of what `spec` names (as for `load_model`), read without its weights: enough to plan which
+    methods an evaluation runs before loading any model."""
+    hf_folder = spec.removeprefix("hf:")
+    if hf_folder != spec:
+        return folder_model_config(Path(hf_folder))
+    try:
+        return read_state(_checkpoint_dir(Path(spec)))[1]
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_model(name: str, spec: str, train_context: int | None, device: torch.device) -> LoadedModel:

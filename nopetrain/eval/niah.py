@@ -1,5 +1,5 @@
 """Needle-in-a-haystack (DroPE paper, appendix C.2): seven-digit values under two-word keys, hidden in held-out
-text, retrieved by greedy decoding.
+text, retrieved by greedy decoding or scored by teacher forcing.
 
 Tasks: `standard` (one needle at a swept depth, the score averaged over depths), `multi_key` (four needles with
 distinct keys, one asked), `multi_query` (four needles, two keys asked, values answered in the order asked) and
@@ -13,8 +13,10 @@ exact length, from held-out prose (`haystack_for`), so that a needle or question
 
 Scoring is exact match on the seven-digit numbers in the decoded output: for one expected value, the first number
 the model writes must be it (1 or 0); for several (multi_query, multi_value), the score is the fraction of the
-expected values that appear among the numbers written (per-value recall). A task's success rate is the mean score
-over its trials.
+expected values that appear among the numbers written (per-value recall). Teacher forcing (`teacher_forced_scores`)
+scores a trial 1 when the whole answer, as a training document tokenizes it after the question (`answer_ids`), is
+the model's argmax at every step: what greedy decoding would write first, in one forward pass. A task's success rate
+is the mean score over its trials.
 """
 
 from __future__ import annotations
@@ -179,17 +181,45 @@ def answer_ids(encode: Callable[[list[str]], list[list[int]]], question: str, an
     return full[len(base) :]
 
 
+def ends_like_question(
+    prompt: list[int],
+    question: str,
+    encode: Callable[[list[str]], list[list[int]]],
+    decode: Callable[[list[int]], str],
+) -> bool:
+    """Whether `prompt` ends with the ids `question` has encoded alone, from its last line ("Answer:") on: then the
+    ids `answer_ids` finds after the question alone continue the prompt as they continue a training look-up document
+    (the question's first ids may differ: alone, nothing precedes them)."""
+    alone = encode([question])[0]
+    shared = 0
+    while shared < min(len(prompt), len(alone)) and prompt[-1 - shared] == alone[-1 - shared]:
+        shared += 1
+    return "\n" + question.rsplit("\n", 1)[-1] in decode(alone[len(alone) - shared :])
+
+
 @torch.no_grad()
-def teacher_forced_scores(model: Transformer, prompts: list[list[int]], answers: list[list[int]]) -> list[float]:
+def teacher_forced_scores(
+    model: Transformer, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 8
+) -> list[float]:
     """1.0 for each trial whose answer tokens are all the model's argmax given the prompt and the answer tokens
     before them, i.e. exactly what greedy decoding would write first, else 0.0; one forward pass per trial instead
-    of one decoding step per token (a whole-answer exact match, also for the tasks with several values)."""
+    of one decoding step per token (a whole-answer exact match, also for the tasks with several values). Trials of
+    equal prompt and answer lengths share a batch of up to `batch_size`. Exact for methods that do not depend on the
+    input's length; the length-dependent ones (logit_scale, dynamic_ntk) see L + answer - 1 tokens at every position
+    where greedy decoding's first step sees L, a relative difference of (answer - 1) / L in their s."""
     device = next(model.parameters()).device
-    scores = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        ids = torch.tensor([prompt + answer[:-1]], dtype=torch.long, device=device)
-        predicted = model(ids)[0, len(prompt) - 1 :].argmax(-1).tolist()
-        scores.append(float(predicted == answer))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        groups.setdefault((len(prompt), len(answer)), []).append(index)
+    scores = [0.0] * len(prompts)
+    for (_, answer_length), indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            ids = torch.tensor([prompts[i] + answers[i][:-1] for i in batch], dtype=torch.long, device=device)
+            predicted = model(ids)[:, -answer_length:].argmax(-1)
+            expected = torch.tensor([answers[i] for i in batch], dtype=torch.long, device=device)
+            for index, right in zip(batch, (predicted == expected).all(1).tolist(), strict=True):
+                scores[index] = float(right)
     return scores
 
 

@@ -27,6 +27,8 @@ class Perplexity:
     ppl: float
     # (first position, perplexity) per bucket of positions.
     buckets: list[tuple[int, float]]
+    # Each document's mean next-token NLL, in the order given.
+    document_nll: list[float]
 
 
 def long_documents(documents: list[np.ndarray], length: int, count: int) -> list[np.ndarray]:
@@ -48,21 +50,28 @@ def same_documents(documents: list[np.ndarray], lengths: list[int], count: int) 
 
 
 @torch.no_grad()
-def position_nll(model: Transformer, documents: list[np.ndarray], batch_size: int) -> torch.Tensor:
-    """Summed next-token negative log-likelihood per position (fp64, on the host) over documents of equal length."""
+def token_nll(model: Transformer, documents: list[np.ndarray], batch_size: int) -> torch.Tensor:
+    """Next-token negative log-likelihood (fp64, on the host), documents x positions, over documents of equal
+    length."""
     device = next(model.parameters()).device
-    total = torch.zeros(len(documents[0]) - 1, dtype=torch.float64)
+    rows = []
     for start in range(0, len(documents), batch_size):
         batch = torch.as_tensor(np.stack(documents[start : start + batch_size]), dtype=torch.long, device=device)
         logits = model(batch[:, :-1]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        total += nll.sum(0).double().cpu()
-    return total
+        rows.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").double().cpu())
+    return torch.cat(rows)
 
 
 def perplexity(model: Transformer, documents: list[np.ndarray], bucket: int, batch_size: int) -> Perplexity:
-    """Perplexity of `documents` (each L + 1 tokens, from `long_documents`) overall and per `bucket` positions."""
-    nll = position_nll(model, documents, batch_size) / len(documents)
-    length = len(nll)
-    buckets = [(first, math.exp(nll[first : first + bucket].mean().item())) for first in range(0, length, bucket)]
-    return Perplexity(length, len(documents), length * len(documents), math.exp(nll.mean().item()), buckets)
+    """Perplexity of `documents` (each L + 1 tokens, from `long_documents`) overall and per `bucket` positions, and
+    each document's mean NLL (the documents are of equal length, so the overall perplexity, token-weighted, is also
+    exp of the mean of these: what a bootstrap over documents resamples)."""
+    nll = token_nll(model, documents, batch_size)
+    by_position = nll.mean(0)
+    length = len(by_position)
+    buckets = [
+        (first, math.exp(by_position[first : first + bucket].mean().item())) for first in range(0, length, bucket)
+    ]
+    document_nll = nll.mean(1).tolist()
+    ppl = math.exp(nll.mean().item())
+    return Perplexity(length, len(documents), length * len(documents), ppl, buckets, document_nll)

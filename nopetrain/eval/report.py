@@ -1,4 +1,5 @@
-"""The evaluation's outputs: results.csv (the long-format rows), results.md (tables), PNG plots, and a W&B run.
+"""The evaluation's outputs: results.csv (the long-format rows), trials.csv (every NIAH trial's score), results.md
+(tables with 95% intervals, the gate on retrieval in context, paired tests), PNG plots, and a W&B run.
 
 Every file is written under a temporary name and renamed, so an interrupted report leaves whole files only.
 """
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from nopetrain.data_pipelines.atomic import write_bytes
+from nopetrain.eval.config import GateConfig, PairedConfig, ReportConfig, split_series
+from nopetrain.eval.stats import mcnemar
 
 COLUMNS = (
     "model",
@@ -22,18 +25,39 @@ COLUMNS = (
     "depth",
     "position",
     "value",
+    "ci_low",
+    "ci_high",
+    "interval",
     "n",
+    "successes",
     "tokens",
+    "scoring",
     "source",
     "boundary",
 )
 # The metric of the row that carries a model's fitted logit-scale coefficient c (no length: one per model).
 FIT_METRIC = "logit_scale_c"
+# The metric of one NIAH trial's score; these rows go to trials.csv, not results.csv.
+TRIAL_METRIC = "niah_trial"
+TRIAL_COLUMNS = (
+    "model",
+    "method",
+    "context_factor",
+    "context_len",
+    "task",
+    "trial",
+    "depth",
+    "prompt_sha256",
+    "scoring",
+    "value",
+)
+SCORING = {"greedy": "greedy decoding", "teacher_forced": "teacher-forced exact match of the answer tokens"}
+INTERVALS = {"wilson": "95% Wilson interval", "bootstrap": "95% bootstrap interval over trials"}
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -81,32 +105,117 @@ def _fit_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["model", "c", "fitted on (held out, not scored above)", "optimum"], body)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """Perplexity by length (with the documents and tokens behind it), per NIAH task the success rate (%) by
-    length, one line per model and method, and the fitted logit scales."""
+def _with_interval(row: dict[str, Any], fmt: str, scale: float) -> str:
+    """ "value [low, high]" (scaled), or the value alone for a row without an interval."""
+    value = fmt.format(row["value"] * scale)
+    if row.get("ci_low") is None:
+        return value
+    return f"{value} [{fmt.format(row['ci_low'] * scale)}, {fmt.format(row['ci_high'] * scale)}]"
+
+
+def _niah_title(task: str, cells: list[dict[str, Any]]) -> str:
+    """The section title of a NIAH task: how it was scored, the trials per cell, the interval."""
+    details = ["success %"]
+    details += [SCORING[mode] for mode in dict.fromkeys(row["scoring"] for row in cells if row.get("scoring"))]
+    counts = sorted({row["n"] for row in cells})
+    details.append(f"n={counts[0]} trials per cell" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]} trials")
+    kinds = list(dict.fromkeys(row["interval"] for row in cells if row.get("interval")))
+    if kinds:
+        details.append(" or ".join(INTERVALS[kind] for kind in kinds))
+    return f"NIAH {task} ({', '.join(details)})"
+
+
+def _gate(cell: dict[tuple, dict[str, Any]], gate: GateConfig) -> list[str]:
+    """Whether retrieval was learned in context: the gate's cell against its threshold, or that it is missing."""
+    series = gate.model if gate.method == "none" else f"{gate.model}/{gate.method}"
+    where = f"{series} {gate.task} NIAH at {gate.factor}x"
+    threshold = f"{100 * gate.threshold:g}%"
+    row = cell.get((gate.model, gate.method, "niah", gate.task, gate.factor))
+    if row is None:
+        return [
+            f"**Gate not evaluated: no result for {where}.** Without it, the comparisons beyond the context below are "
+            "not shown to carry information about length generalisation."
+        ]
+    interval = "" if row.get("ci_low") is None else f" [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+    figure = f"{where}: {100 * row['value']:.1f}%{interval} (n={row['n']})"
+    if row["value"] < gate.threshold:
+        return [
+            f"**Underpowered: retrieval not learned in context.** {figure} < {threshold} gate; the comparisons "
+            "beyond the context below carry no information about length generalisation."
+        ]
+    return [f"Gate passed: {figure} >= {threshold} gate."]
+
+
+def _paired(trials: list[dict[str, Any]], pairs: list[PairedConfig]) -> list[str]:
+    """Per pair, task and factor: both series' rates on the same prompts and McNemar's exact test of the trials
+    only one of them got right (a trial is right with score 1)."""
+    outcomes: dict[tuple, dict[int, tuple[float, str]]] = {}
+    for row in trials:
+        key = (row["model"], row["method"], row["task"], row["context_factor"])
+        outcomes.setdefault(key, {})[row["trial"]] = (row["value"], row["prompt_sha256"])
+    body = []
+    for pair in pairs:
+        for task in pair.tasks:
+            for factor in pair.factors:
+                a, b = (outcomes.get((*split_series(side), task, factor)) for side in (pair.a, pair.b))
+                cells = [pair.a, pair.b, task, f"{factor}x"]
+                if not a or not b:
+                    missing = " and ".join(side for side, found in ((pair.a, a), (pair.b, b)) if not found)
+                    body.append([*cells, "-", "-", "-", "-", "-", f"no trials for {missing}"])
+                    continue
+                if a.keys() != b.keys() or any(a[index][1] != b[index][1] for index in a):
+                    body.append([*cells, "-", "-", "-", "-", "-", "not the same prompts"])
+                    continue
+                first = [a[index][0] == 1.0 for index in sorted(a)]
+                second = [b[index][0] == 1.0 for index in sorted(a)]
+                only_a, only_b, p = mcnemar(first, second)
+                rates = [f"{100 * sum(right) / len(right):.1f}" for right in (first, second)]
+                body.append([*cells, str(len(first)), *rates, str(only_a), str(only_b), f"{p:.3g}"])
+    header = ["a", "b", "task", "factor", "n", "a right %", "b right %", "a only right", "b only right"]
+    lines = _table([*header, "p (exact, two-sided)"], body)
+    if any(row["value"] not in (0.0, 1.0) for row in trials):
+        lines += ["", "Greedy decoding scores several values by the fraction found; here a trial is right with all."]
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], report: ReportConfig | None = None) -> str:
+    """The gate's verdict first (report.gate), then perplexity by length (with its bootstrap interval and the
+    documents and tokens behind it), per NIAH task the success rate (%) with its interval by length, one line per
+    model and method, the paired comparisons (report.paired) and the fitted logit scales."""
+    report = report or ReportConfig()
     fits = [row for row in rows if row["metric"] == FIT_METRIC]
-    rows = [row for row in rows if row["metric"] != FIT_METRIC]
+    trials = [row for row in rows if row["metric"] == TRIAL_METRIC]
+    rows = [row for row in rows if row["metric"] not in (FIT_METRIC, TRIAL_METRIC)]
     factors = _factors(rows)
     lengths = {row["context_factor"]: row["context_len"] for row in rows}
-    cell: dict[tuple, float] = {}
+    cell: dict[tuple, dict[str, Any]] = {}
     for row in rows:
         if row["metric"] == "ppl" or (row["metric"] == "niah" and row.get("depth") is None):
-            cell[(row["model"], row["method"], row["metric"], row.get("task"), row["context_factor"])] = row["value"]
+            cell[(row["model"], row["method"], row["metric"], row.get("task"), row["context_factor"])] = row
     header = ["model", "method", *(f"{f}x ({lengths[f]})" for f in factors)]
     out = ["# Long-context evaluation", ""]
-    sections = [("ppl", None, "Perplexity", "{:.3f}", 1.0)]
+    if report.gate.model is not None:
+        out += [*_gate(cell, report.gate), ""]
+    ppl = [row for row in rows if row["metric"] == "ppl"]
+    bootstrapped = any(row.get("ci_low") is not None for row in ppl)
+    title = "Perplexity (95% bootstrap interval over documents)" if bootstrapped else "Perplexity"
+    sections = [("ppl", None, title, "{:.3f}", 1.0)]
     tasks = list(dict.fromkeys(row["task"] for row in rows if row["metric"] == "niah"))
-    sections += [("niah", task, f"NIAH {task} (success %)", "{:.1f}", 100.0) for task in tasks]
+    for task in tasks:
+        cells = [row for key, row in cell.items() if key[2:4] == ("niah", task)]
+        sections.append(("niah", task, _niah_title(task, cells), "{:.1f}", 100.0))
     for metric, task, title, fmt, scale in sections:
         body = []
         for model, method in _series(rows):
-            values = [cell.get((model, method, metric, task, f)) for f in factors]
-            if any(v is not None for v in values):
-                body.append([model, method, *("-" if v is None else fmt.format(v * scale) for v in values)])
+            found = [cell.get((model, method, metric, task, f)) for f in factors]
+            if any(row is not None for row in found):
+                body.append([model, method, *("-" if r is None else _with_interval(r, fmt, scale) for r in found)])
         if body:
             out += [f"## {title}", "", *_table(header, body), ""]
             if metric == "ppl":
-                out += [*_perplexity_support([row for row in rows if row["metric"] == "ppl"]), ""]
+                out += [*_perplexity_support(ppl), ""]
+    if report.paired:
+        out += ["## Paired comparison (McNemar, same prompts)", "", *_paired(trials, report.paired), ""]
     if fits:
         out += ["## Logit scale", "", *_fit_table(fits), ""]
     return "\n".join(out)
@@ -230,15 +339,26 @@ def log_wandb(rows: list[dict[str, Any]], images: list[Path], out_dir: Path, wan
     run.finish()
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: str | Path, wandb_cfg: Any = None) -> dict[str, Path]:
-    """Writes results.csv, results.md and the plots into `out_dir` (created if needed); logs them to W&B when
-    `wandb_cfg` (an EvalWandbConfig) is given and not disabled. Returns the files written by name."""
+def write_report(
+    rows: list[dict[str, Any]],
+    out_dir: str | Path,
+    report: ReportConfig | None = None,
+    wandb_cfg: Any = None,
+) -> dict[str, Path]:
+    """Writes results.csv, trials.csv (when there are NIAH trials), results.md (with `report`'s gate and paired
+    tests) and the plots into `out_dir` (created if needed); logs them to W&B when `wandb_cfg` (an EvalWandbConfig)
+    is given and not disabled. Returns the files written by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes(out_dir / "results.csv", _csv(rows).encode())
-    write_bytes(out_dir / "results.md", markdown(rows).encode())
-    images = plots(rows, out_dir)
+    results = [row for row in rows if row["metric"] != TRIAL_METRIC]
+    trials = [row for row in rows if row["metric"] == TRIAL_METRIC]
+    files = [out_dir / "results.csv", out_dir / "results.md"]
+    write_bytes(files[0], _csv(results, COLUMNS).encode())
+    write_bytes(files[1], markdown(rows, report).encode())
+    if trials:
+        write_bytes(out_dir / "trials.csv", _csv(trials, TRIAL_COLUMNS).encode())
+        files.append(out_dir / "trials.csv")
+    images = plots(results, out_dir)
     if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-        log_wandb(rows, images, out_dir, wandb_cfg)
-    files = [out_dir / "results.csv", out_dir / "results.md", *images]
-    return {path.name: path for path in files}
+        log_wandb(results, images, out_dir, wandb_cfg)
+    return {path.name: path for path in [*files, *images]}

@@ -3,6 +3,7 @@ uncertainty, and two arms compared on the same prompts are compared pair by pair
 
 - `wilson`: the 95% Wilson score interval of k successes in n trials (well-behaved at 0 and n, unlike the normal one).
 - `mcnemar`: the exact (binomial) McNemar test of two methods scored on the same trials.
+- `bootstrap_mean`: a percentile bootstrap interval of a mean (fractional trial scores).
 - `bootstrap_ppl`: a percentile bootstrap interval of perplexity over documents.
 """
 
@@ -42,15 +43,24 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> tuple[int, int, fl
     return only_first, only_second, min(1.0, 2 * tail)
 
 
+def bootstrap_mean(
+    values: Sequence[float], samples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """(low, high) of a percentile bootstrap interval of the mean of `values`, resampled with replacement (for
+    rates whose trials score fractions, where Wilson's binomial interval does not apply)."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("no values to bootstrap")
+    rng = np.random.default_rng(seed)
+    means = array[rng.integers(0, array.size, size=(samples, array.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def bootstrap_ppl(
     document_nll: Sequence[float], samples: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
     """(low, high) of a percentile bootstrap interval of exp(mean NLL), resampling documents (each document's mean
     next-token NLL, all of equal length) with replacement."""
-    nll = np.asarray(document_nll, dtype=np.float64)
-    if nll.size == 0:
-        raise ValueError("no documents to bootstrap")
-    rng = np.random.default_rng(seed)
-    means = nll[rng.integers(0, nll.size, size=(samples, nll.size))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    low, high = bootstrap_mean(document_nll, samples, seed, level)
     return math.exp(low), math.exp(high)

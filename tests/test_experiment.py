@@ -191,7 +191,7 @@ def test_two_arm_experiment_trains_and_evaluates(tmp_path: Path, corpus: Path) -
         f"""
 name: two_arms
 out: {tmp_path}/out
-corpus: {{path: {corpus}, seq_len: {SEQ_LEN}}}
+corpus: {{path: {corpus}, seq_len: {SEQ_LEN}, vocab_size: 1024}}
 parallel: 2
 train:
   - data=default_lookup

@@ -32,7 +32,7 @@ from nopetrain.eval.evaluate import check_report_methods, rate, scored_documents
 from nopetrain.eval.models import LoadedModel
 from nopetrain.eval.partial import Progress, Unit, UnitStore, fingerprint
 from nopetrain.eval.perplexity import perplexity, same_documents
-from nopetrain.eval.report import COLUMNS, TRIAL_COLUMNS, TRIAL_METRIC, markdown, write_report
+from nopetrain.eval.report import COLUMNS, TRIAL_COLUMNS, TRIAL_METRIC, markdown, series_styles, write_report
 from nopetrain.eval.rope_scaling import RopeScaling, frequency_factors, inverse_frequencies, logit_factor
 from nopetrain.eval.stats import bootstrap_mean, mcnemar, wilson
 from nopetrain.model import Transformer
@@ -599,3 +599,13 @@ def test_module_imports_stay_light():
     code = "import nopetrain.model, sys; print('nopetrain.eval.evaluate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_every_plotted_series_has_its_own_colour_marker_and_line():
+    # 12 series once shared 10 colours, and logit_scale at c = 0 hid none behind it.
+    models = ["rope", "rope_nope4", "nope", "drope"]
+    series = [(model, method) for model in models for method in ("none", "pi", "ntk", "yarn", "logit_scale")]
+    styles = series_styles(series)
+    looks = {(str(s["color"]), s["linestyle"], s["marker"]) for s in styles.values()}
+    assert len(looks) == len(series)
+    assert styles[("nope", "none")]["marker"] != styles[("nope", "logit_scale")]["marker"]

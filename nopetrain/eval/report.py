@@ -221,12 +221,62 @@ def markdown(rows: list[dict[str, Any]], report: ReportConfig | None = None) -> 
     return "\n".join(out)
 
 
-def _length_axis(axis: Any, lengths: list[int]) -> None:
-    """A log2 x axis labelled with the evaluated lengths themselves."""
+def _length_axis(axis: Any, lengths: list[int], train_context: int | None) -> None:
+    """A log2 x axis labelled with the evaluated lengths themselves, the training context marked."""
     axis.set_xscale("log", base=2)
     axis.set_xticks(lengths, [str(length) for length in lengths])
     axis.minorticks_off()
     axis.set_xlabel("context length (tokens)")
+    if train_context is not None:
+        axis.axvline(train_context, color="0.5", linestyle=":", linewidth=1)
+        axis.annotate("training context", (train_context, 1), xycoords=("data", "axes fraction"), xytext=(3, -10),
+                      textcoords="offset points", fontsize=7, color="0.4")  # fmt: skip
+
+
+# Methods by line style and marker, models by colour: every (model, method) pair is told apart, and a method whose
+# values equal another's (logit_scale at c = 0 and none) still shows both.
+METHOD_STYLES = {
+    "none": ("-", "o"),
+    "pi": ("--", "s"),
+    "ntk": ("-.", "^"),
+    "yarn": (":", "D"),
+    "logit_scale": ("--", "x"),
+}
+OTHER_STYLES = [("-", "v"), ("--", "P"), ("-.", "*"), (":", "h")]
+
+
+def series_styles(series: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+    from matplotlib import colormaps
+
+    models = list(dict.fromkeys(model for model, _ in series))
+    colours = colormaps["tab10"].colors
+    others = [method for method in dict.fromkeys(m for _, m in series) if method not in METHOD_STYLES]
+    styles = {**METHOD_STYLES, **{m: OTHER_STYLES[i % len(OTHER_STYLES)] for i, m in enumerate(others)}}
+    return {
+        (model, method): {
+            "color": colours[models.index(model) % len(colours)],
+            "linestyle": styles[method][0],
+            "marker": styles[method][1],
+            "label": f"{model} / {method}",
+        }
+        for model, method in series
+    }
+
+
+def _curve(axis: Any, rows: list[dict[str, Any]], x: str, scale: float, style: dict[str, Any]) -> None:
+    """One series: its points and, where the rows carry one, its 95% interval as a band."""
+    rows = sorted(rows, key=lambda row: row[x])
+    xs = [row[x] for row in rows]
+    axis.plot(xs, [scale * row["value"] for row in rows], markersize=4, linewidth=1.2, **style)
+    if all(row.get("ci_low") not in (None, "") for row in rows):
+        low, high = [scale * row["ci_low"] for row in rows], [scale * row["ci_high"] for row in rows]
+        axis.fill_between(xs, low, high, color=style["color"], alpha=0.08, linewidth=0)
+
+
+def _counts(rows: list[dict[str, Any]]) -> str:
+    """n of the rows behind a plot, e.g. "24" or "8-24" when it varies."""
+    counts = sorted({int(row["n"]) for row in rows if row.get("n") not in (None, "")})
+    return "?" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def _png(figure: Any, path: Path) -> None:
@@ -237,7 +287,8 @@ def _png(figure: Any, path: Path) -> None:
 
 def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """ppl_vs_length.png, ppl_by_position.png (at the longest length), niah_by_length.png (a panel per task) and
-    niah_by_depth.png (standard task, success by depth and length, a panel per model and method)."""
+    niah_by_depth.png (standard task, success by depth and length, a panel per model and method). Each says what was
+    measured and on how many documents or trials, marks the training context and keeps the legend off the data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,62 +297,78 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
     rows = [row for row in rows if row["metric"] != FIT_METRIC]
     series = _series(rows)
+    styles = series_styles(series)
+    contexts = {row["context_len"] for row in rows if row.get("context_factor") == 1}
+    train_context = min(contexts) if contexts else None
+
+    def save(figure: Any, name: str) -> None:
+        _png(figure, out_dir / name)
+        written.append(out_dir / name)
+        plt.close(figure)
+
     ppl = [row for row in rows if row["metric"] == "ppl"]
     if ppl:
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for model, method in series:
-            points = sorted((r["context_len"], r["value"]) for r in ppl if (r["model"], r["method"]) == (model, method))
-            if points:
-                axes.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-        _length_axis(axes, sorted({r["context_len"] for r in ppl}))
-        axes.set_ylabel("perplexity")
-        axes.legend(fontsize=7)
-        _png(figure, out_dir / "ppl_vs_length.png")
-        written.append(out_dir / "ppl_vs_length.png")
-        plt.close(figure)
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for key in series:
+            found = [r for r in ppl if (r["model"], r["method"]) == key]
+            if found:
+                _curve(axis, found, "context_len", 1.0, styles[key])
+        _length_axis(axis, sorted({r["context_len"] for r in ppl}), train_context)
+        axis.set(ylabel="perplexity", title=f"Held-out perplexity by length ({_counts(ppl)} documents per point)")
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        save(figure, "ppl_vs_length.png")
     buckets = [row for row in rows if row["metric"] == "ppl_bucket"]
     if buckets:
         longest = max(row["context_factor"] for row in buckets)
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for model, method in series:
-            points = sorted(
-                (r["position"], r["value"])
-                for r in buckets
-                if (r["model"], r["method"], r["context_factor"]) == (model, method, longest)
-            )
-            if points:
-                axes.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-        axes.set(xlabel=f"position (bucket start) at {longest}x", ylabel="perplexity")
-        axes.legend(fontsize=7)
-        _png(figure, out_dir / "ppl_by_position.png")
-        written.append(out_dir / "ppl_by_position.png")
-        plt.close(figure)
+        at_longest = [r for r in buckets if r["context_factor"] == longest]
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for key in series:
+            found = [r for r in at_longest if (r["model"], r["method"]) == key]
+            if found:
+                _curve(axis, found, "position", 1.0, styles[key])
+        if train_context is not None:
+            axis.axvline(train_context, color="0.5", linestyle=":", linewidth=1)
+        axis.set(
+            xlabel="position in the sequence (bucket start, tokens)",
+            ylabel="perplexity",
+            title=f"Perplexity by position at {longest}x ({_counts(at_longest)} documents; dotted: training context)",
+        )
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        save(figure, "ppl_by_position.png")
     niah = [row for row in rows if row["metric"] == "niah" and row.get("depth") is None]
     tasks = list(dict.fromkeys(row["task"] for row in niah))
     if tasks:
-        figure, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
+        figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False, sharey=True)
         for axis, task in zip(axes[0], tasks, strict=True):
-            for model, method in series:
-                points = sorted(
-                    (r["context_len"], 100 * r["value"])
-                    for r in niah
-                    if (r["model"], r["method"], r["task"]) == (model, method, task)
-                )
-                if points:
-                    axis.plot(*zip(*points, strict=True), marker="o", label=f"{model} / {method}")
-            _length_axis(axis, sorted({r["context_len"] for r in niah}))
-            axis.set(ylim=(-5, 105), title=task, ylabel="success %")
-        axes[0][0].legend(fontsize=7)
-        _png(figure, out_dir / "niah_by_length.png")
-        written.append(out_dir / "niah_by_length.png")
-        plt.close(figure)
+            cells = [r for r in niah if r["task"] == task]
+            for key in series:
+                found = [r for r in cells if (r["model"], r["method"]) == key]
+                if found:
+                    _curve(axis, found, "context_len", 100.0, styles[key])
+            _length_axis(axis, sorted({r["context_len"] for r in cells}), train_context)
+            scoring = next((SCORING[r["scoring"]] for r in cells if r.get("scoring")), "")
+            axis.set(ylim=(-5, 105), title=f"NIAH {task}: {_counts(cells)} trials per point\n{scoring}")
+            axis.title.set_fontsize(9)
+        axes[0][0].set_ylabel("success % (band: 95% interval)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        figure.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+        figure.tight_layout()
+        save(figure, "niah_by_length.png")
     by_depth = [row for row in rows if row["metric"] == "niah" and row.get("depth") is not None]
     if by_depth:
         panels = [s for s in series if any((r["model"], r["method"]) == s for r in by_depth)]
         depths = sorted({row["depth"] for row in by_depth})
         factors = _factors(by_depth)
-        figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
-        for axis, (model, method) in zip(axes[0], panels, strict=True):
+        columns = min(4, len(panels))
+        grid_rows = -(-len(panels) // columns)
+        figure, axes = plt.subplots(
+            grid_rows, columns, figsize=(3.3 * columns, 2.9 * grid_rows), squeeze=False, constrained_layout=True
+        )
+        for index, axis in enumerate(axes.flat):
+            if index >= len(panels):
+                axis.set_visible(False)
+                continue
+            model, method = panels[index]
             grid = [[float("nan")] * len(factors) for _ in depths]
             for r in by_depth:
                 if (r["model"], r["method"]) == (model, method):
@@ -309,12 +376,13 @@ def plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             image = axis.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="lower")
             axis.set_xticks(range(len(factors)), [f"{f}x" for f in factors])
             axis.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-            axis.set(title=f"{model} / {method}", xlabel="context")
-        axes[0][0].set_ylabel("needle depth")
-        figure.colorbar(image, ax=axes[0].tolist(), label="standard NIAH success %")
-        _png(figure, out_dir / "niah_by_depth.png")
-        written.append(out_dir / "niah_by_depth.png")
-        plt.close(figure)
+            axis.set_title(f"{model} / {method}", fontsize=9)
+            axis.set_xlabel("context (x training)", fontsize=8)
+            if index % columns == 0:
+                axis.set_ylabel("needle depth", fontsize=8)
+        figure.suptitle(f"Standard NIAH success by needle depth ({_counts(by_depth)} trials per cell)", fontsize=10)
+        figure.colorbar(image, ax=axes.ravel().tolist(), label="success %")
+        save(figure, "niah_by_depth.png")
     return written
 
 

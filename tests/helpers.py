@@ -78,9 +78,7 @@ def build_corpus(output: Path) -> Path:
 
 def corpus_overrides(corpus: Path) -> list[str]:
     """Points the default data config at `corpus` (built by build_corpus) for the tiny model."""
-    return ["data=default", "seq_len=64", "model.vocab_size=1024"] + [
-        f"data.sources.{name}.path={corpus}/train/{name}" for name in ("web", "code", "math")
-    ]
+    return ["data=default", f"data.root={corpus}", "seq_len=64", "model.vocab_size=1024"]
 
 
 def wandb_runs(run_dir: Path) -> list:

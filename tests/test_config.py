@@ -94,3 +94,17 @@ def test_missing_init_from_folder_names_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         pretrained_model(composed(f"init_from=hf:{tmp_path}/nowhere"))
     assert str(err.value) == f"init_from=hf:{tmp_path}/nowhere: {tmp_path}/nowhere/config.json: not found"
+
+
+def test_a_data_config_outside_the_repo_and_a_moved_corpus(tmp_path):
+    # --config-dir puts a user's folder on Hydra's search path; data.root moves every source of a shipped config.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text(
+        "name: mine\nkind: shards\nroot: /corpora/mine\nsources:\n  web: {path: '${data.root}/web', weight: 1.0}\n"
+    )
+    mine = [sys.executable, "train.py", "--config-dir", str(tmp_path), "data=mine", "--cfg", "job", "--resolve"]
+    shipped = [sys.executable, "train.py", "data=default", "data.root=/scratch/default", "--cfg", "job", "--resolve"]
+    for cmd, expected in [(mine, ["path: /corpora/mine/web"]), (shipped, ["path: /scratch/default/train/web"])]:
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert all(line in proc.stdout for line in expected), proc.stdout

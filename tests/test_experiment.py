@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from nopetrain.config import ConfigError, register_configs
 from nopetrain.curriculum import learning_rate, resolve
 from nopetrain.data.streaming import read_documents
 from nopetrain.data_pipelines.corpus_lookup import build_lookup, lookup_document
-from nopetrain.data_pipelines.encoders import describe, load
+from nopetrain.data_pipelines.encoders import Encoder, describe, load
 from nopetrain.data_pipelines.errors import DataError
 from nopetrain.eval import niah
 from nopetrain.eval.config import NIAH_TASKS
@@ -71,10 +72,9 @@ def key_ids(ids: list[int], decode, key: str) -> list[int]:
     return min((span for span in spans if decode(span).strip() == key), key=len)
 
 
-@pytest.mark.parametrize("task", NIAH_TASKS)
-def test_prompts_tokenize_needles_and_questions_as_training_does(corpus: Path, task: str) -> None:
-    """A needle line and the question line get the same ids in an evaluation prompt as in a training look-up
-    document; no space token is left before a newline; the key has the same ids in its needle and in the question."""
+def training_and_prompts(corpus: Path, task: str) -> Iterator[tuple[Encoder, niah.NeedleTask, list[int], list[int]]]:
+    """For seeds 0-3: the encoder, a task's text, the ids of a training look-up document of it and of a 512-token
+    evaluation prompt of it (the same needles, question and depths)."""
     encoder = load(describe(str(corpus / "tokenizer.model")))
     haystacks, _ = read_documents(str(corpus / "heldout" / "web"), 1024)
     filler = niah.haystack_for(haystacks, random.Random(1), 2000, encoder.decode)
@@ -83,7 +83,14 @@ def test_prompts_tokenize_needles_and_questions_as_training_does(corpus: Path, t
         training = encoder.encode([lookup_document(random.Random(seed), task, filler, encoder, SEQ_LEN + 1)])[0]
         haystack = niah.haystack_for(haystacks, random.Random(seed), 512, encoder.decode)
         depths = [random.Random(seed).random() for _ in text.needles]
-        prompt = niah.build_prompt(text, haystack, depths, 512, encoder.encode)
+        yield encoder, text, training, niah.build_prompt(text, haystack, depths, 512, encoder.encode)
+
+
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_prompts_tokenize_needles_and_questions_as_training_does(corpus: Path, task: str) -> None:
+    """A needle line and the question line get the same ids in an evaluation prompt as in a training look-up
+    document; no space token is left before a newline; the key has the same ids in its needle and in the question."""
+    for encoder, text, training, prompt in training_and_prompts(corpus, task):
         assert len(prompt) == 512
         question = text.question.split("\n")[0]
         for line in [*text.needles, question]:
@@ -104,17 +111,9 @@ def test_teacher_forced_answers_continue_the_prompt_as_a_training_document(corpu
     """The answer ids that teacher forcing scores are those a training look-up document has after its question, and
     an evaluation prompt ends with the ids that precede them there: prompt + answer is the whole text's tokenization
     in training."""
-    encoder = load(describe(str(corpus / "tokenizer.model")))
-    haystacks, _ = read_documents(str(corpus / "heldout" / "web"), 1024)
-    filler = niah.haystack_for(haystacks, random.Random(1), 2000, encoder.decode)
-    for seed in range(4):
-        text = niah.needle_task(random.Random(seed), task)
-        training = encoder.encode([lookup_document(random.Random(seed), task, filler, encoder, SEQ_LEN + 1)])[0]
+    for encoder, text, training, prompt in training_and_prompts(corpus, task):
         answer = niah.answer_ids(encoder.encode, text.question, text.answer_text)
         assert encoder.decode(answer).strip() == text.answer_text
-        haystack = niah.haystack_for(haystacks, random.Random(seed), 512, encoder.decode)
-        depths = [random.Random(seed).random() for _ in text.needles]
-        prompt = niah.build_prompt(text, haystack, depths, 512, encoder.encode)
         assert niah.ends_like_question(prompt, text.question, encoder.encode, encoder.decode)
         question = line_ids(prompt, encoder.decode, text.question.split("\n")[0])
         start = max(i for i in range(len(prompt)) if prompt[i : i + len(question)] == question)

@@ -1,4 +1,5 @@
-"""Entry point: `python train.py [overrides]` or `torchrun --nproc_per_node=N train.py [overrides]`."""
+"""Entry point: `python train.py [overrides]` or `torchrun --nproc_per_node=N train.py [overrides]`; with
+`dry_run=true`, prints the run's plan (nopetrain/plan.py) and exits."""
 
 import sys
 
@@ -7,12 +8,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nopetrain.config import ConfigError, register_configs
-from nopetrain.data.streaming import DataError
-from nopetrain.ownership import RunDirInUse
-from nopetrain.preemption import PREEMPTED_EXIT_CODE, Preempted
+from nopetrain.config import ConfigError, TrainConfig, register_configs
 from nopetrain.sweep import sweep_member
-from nopetrain.trainer import NonFiniteLossError, train
 
 register_configs()
 
@@ -23,11 +20,38 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         train_cfg = sweep_member(train_cfg, hydra_cfg.job.num, list(hydra_cfg.overrides.task))
+    if train_cfg.dry_run:
+        print_plan(train_cfg)
+    else:
+        run(train_cfg)
+
+
+def fail(err: Exception, code: int) -> None:
+    print(f"nopetrain: error: {err}", file=sys.stderr)
+    sys.exit(code)
+
+
+def print_plan(cfg: TrainConfig) -> None:
+    # Imported here, as the trainer is in run(): a dry run loads neither DeepSpeed (until its config has passed) nor
+    # the data pipeline, so a refused config fails at once, in one line.
+    from nopetrain.plan import format_plan, make_plan
+
     try:
-        train(train_cfg)
+        print(format_plan(make_plan(cfg)))
+    except ConfigError as err:
+        fail(err, 2)
+
+
+def run(cfg: TrainConfig) -> None:
+    from nopetrain.data.streaming import DataError
+    from nopetrain.ownership import RunDirInUse
+    from nopetrain.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from nopetrain.trainer import NonFiniteLossError, train
+
+    try:
+        train(cfg)
     except (ConfigError, DataError, RunDirInUse, NonFiniteLossError) as err:
-        print(f"nopetrain: error: {err}", file=sys.stderr)
-        sys.exit(3 if isinstance(err, NonFiniteLossError) else 2)
+        fail(err, 3 if isinstance(err, NonFiniteLossError) else 2)
     except Preempted:
         # Checkpointed and logged by the trainer; the job script requeues on this code.
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -15,7 +15,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -221,6 +221,18 @@ class RunConfig:
 
 
 @dataclass
+class PlanConfig:
+    # The cluster a dry run (dry_run=true, nopetrain/plan.py) plans for; a real run ignores these keys.
+    # Processes, one per GPU; null: $WORLD_SIZE when set (torchrun), else 1.
+    world_size: int | None = None
+    gpus_per_node: int = 8
+    # A device of nopetrain.metrics.PEAK_TFLOPS (H100, H200, A100, ...); peak_tflops, when set, overrides its peak.
+    gpu: str = "H100"
+    # The model FLOPs utilisation the time estimate assumes.
+    mfu: float = 0.4
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -232,6 +244,10 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    # Print the plan (phases, LR, parameters, FLOPs, memory per GPU, time) and exit: no process group, no data read,
+    # nothing written.
+    dry_run: bool = False
     # Start from pretrained weights: "hf:/local/folder" (Llama, SmolLM, SmolLM3); the model's shape comes from its
     # config.json. Ignored when resuming from one of our checkpoints.
     init_from: str | None = None
@@ -331,6 +347,17 @@ class RunDirCheck(Callback):
             sys.exit(2)
 
 
+def validate_plan(cfg: PlanConfig, world_size: int) -> None:
+    """Checks a dry run's cluster of `world_size` GPUs; raises ConfigError naming the first bad key."""
+    _require(world_size > 0, f"plan.world_size={world_size} must be positive")
+    _require(cfg.gpus_per_node > 0, f"plan.gpus_per_node={cfg.gpus_per_node} must be positive")
+    _require(0 < cfg.mfu <= 1, f"plan.mfu={cfg.mfu} must be in (0, 1]")
+    _require(
+        world_size <= cfg.gpus_per_node or world_size % cfg.gpus_per_node == 0,
+        f"plan.world_size={world_size} must fill whole nodes of plan.gpus_per_node={cfg.gpus_per_node}",
+    )
+
+
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks a whole training config for a given world size; raises ConfigError naming the first bad key."""
     validate_model(cfg.model)
@@ -405,5 +432,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
 
 
 def register_configs() -> None:
-    """Registers the schema so that configs/train.yaml composes on top of it."""
+    """Registers the schema so that configs/train.yaml composes on top of it, and the resolver its Hydra folders use
+    (a dry run's are the current folder)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("unless_dry_run", lambda path, dry_run: "." if dry_run else path, replace=True)

@@ -12,8 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nopetrain.config import QK_NORM_CHOICES, ConfigError
+from nopetrain.config import QK_NORM_CHOICES, ConfigError, DropeConfig
 from nopetrain.model import Transformer, qk_norm_union
+
+
+def dormant_qk_norm(drope: DropeConfig, drope_step: int | None) -> str:
+    """The QK-norm gains to build at the start for a DroPE switch at `drope_step` (none when there is none)."""
+    return drope.qk_norm if drope_step is not None else "none"
 
 
 def drop_rope(model: Transformer, qk_norm: str = "none") -> list[nn.Parameter]:

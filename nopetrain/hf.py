@@ -7,6 +7,7 @@ the config.json and the key. Needs `safetensors` (installed with transformers), 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nopetrain.config import ConfigError, ModelConfig, validate_model
+from nopetrain.config import ConfigError, ModelConfig, TrainConfig, validate_model
 from nopetrain.model import Transformer
 
 
@@ -237,3 +238,18 @@ def model_from_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Trans
     model = Transformer(folder_model_config(folder, name=folder.name)).to(dtype)
     model.load_state_dict(load_hf_state_dict(folder), strict=True)
     return model
+
+
+def pretrained_model(cfg: TrainConfig) -> str | None:
+    """The local Hugging Face folder named by init_from; its config.json replaces the model's shape in `cfg`."""
+    if cfg.init_from is None:
+        return None
+    if not cfg.init_from.startswith("hf:"):
+        raise ConfigError(f"init_from={cfg.init_from!r} must be hf:/path/to/local/folder")
+    folder = cfg.init_from.removeprefix("hf:")
+    try:
+        shape = folder_model_config(folder, name=Path(folder).name)
+    except ConfigError as err:
+        raise ConfigError(f"init_from={cfg.init_from}: {err}") from None
+    cfg.model = dataclasses.replace(shape, attn_logit_scale=cfg.model.attn_logit_scale)
+    return folder

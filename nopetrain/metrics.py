@@ -46,9 +46,13 @@ def peak_tflops(device: torch.device, bf16: bool, override: float | None) -> flo
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return named_peak_tflops(torch.cuda.get_device_name(device), bf16)
+
+
+def named_peak_tflops(name: str, bf16: bool) -> float | None:
+    """Peak dense TFLOP/s of the first PEAK_TFLOPS entry found in the device `name` (any case), or None."""
     for key, (bf16_peak, fp32_peak) in PEAK_TFLOPS:
-        if key in name:
+        if key.lower() in name.lower():
             return bf16_peak if bf16 else fp32_peak
     return None
 

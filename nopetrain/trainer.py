@@ -29,9 +29,9 @@ from nopetrain import checkpoint
 from nopetrain.config import ConfigError, TrainConfig, validate
 from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.data.phased import PhasedStream
-from nopetrain.drope import drop_rope
+from nopetrain.drope import dormant_qk_norm, drop_rope
 from nopetrain.eval.training import TrainingEval
-from nopetrain.hf import folder_model_config, load_hf_state_dict
+from nopetrain.hf import load_hf_state_dict, pretrained_model
 from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops, set_aside_rows
 from nopetrain.model import count_parameters, lm_loss
@@ -75,9 +75,9 @@ def setup_logging(rank: int, run_dir: Path) -> None:
     log.propagate = False
 
 
-# Keys that say how this invocation resumes and where the run now lives (a copied or moved run.dir), not what the
-# run is: never reported as changed.
-INVOCATION_KEYS = {"checkpoint.resume", "checkpoint.rewind", "stop_at_step", "run.dir"}
+# Keys that say how this invocation resumes and where the run now lives (a copied or moved run.dir), or what a dry
+# run plans for (plan.*), not what the run is: never reported as changed.
+INVOCATION_KEYS = {"checkpoint.resume", "checkpoint.rewind", "stop_at_step", "run.dir", "dry_run"}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -123,7 +123,11 @@ def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, plan: Plan, pa
     warning line."""
     step = saved["step"]
     old, new = flatten(saved["config"]), flatten(dataclasses.asdict(cfg))
-    changed = [key for key, value in new.items() if key not in INVOCATION_KEYS and old.get(key) != value]
+    changed = [
+        key
+        for key, value in new.items()
+        if key not in INVOCATION_KEYS and not key.startswith("plan.") and old.get(key) != value
+    ]
     for key in changed:
         if changes_the_past(key):
             raise ConfigError(f"{key}={new[key]!r} but checkpoint {path} was trained with {key}={old.get(key)!r}")
@@ -222,7 +226,7 @@ class Trainer:
         """`resize`: the run resumes from a checkpoint written by another number of processes."""
         self.cfg, self.env, self.plan, self.watch = cfg, env, plan, watch
         self.run_dir = Path(cfg.run.dir)
-        extra_qk_norm = cfg.curriculum.drope.qk_norm if plan.drope_step is not None else "none"
+        extra_qk_norm = dormant_qk_norm(cfg.curriculum.drope, plan.drope_step)
         self.engine = build_engine(cfg, env, extra_qk_norm, pretrained, load_universal=resize)
         self.resize = resize
         self.bf16 = use_bf16(cfg.precision, env.device)
@@ -440,21 +444,6 @@ class Trainer:
                 stop = Preempted(state["step"], str(saved_to), self.watch.signal_name())
                 log.info("%s; exiting for requeue", stop)
                 raise stop
-
-
-def pretrained_model(cfg: TrainConfig) -> str | None:
-    """The local Hugging Face folder named by init_from; its config.json replaces the model's shape in `cfg`."""
-    if cfg.init_from is None:
-        return None
-    if not cfg.init_from.startswith("hf:"):
-        raise ConfigError(f"init_from={cfg.init_from!r} must be hf:/path/to/local/folder")
-    folder = cfg.init_from.removeprefix("hf:")
-    try:
-        shape = folder_model_config(folder, name=Path(folder).name)
-    except ConfigError as err:
-        raise ConfigError(f"init_from={cfg.init_from}: {err}") from None
-    cfg.model = dataclasses.replace(shape, attn_logit_scale=cfg.model.attn_logit_scale)
-    return folder
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

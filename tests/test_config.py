@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nopetrain.config import ConfigError, TrainConfig, register_configs, validate
-from nopetrain.trainer import pretrained_model
+from nopetrain.hf import pretrained_model
 
 from .helpers import REPO, subprocess_env
 

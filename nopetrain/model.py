@@ -199,12 +199,15 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         segments: DocumentSegments | None = None,
         cache: KVCache | None = None,
+        last: int | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq). Positions default to 0..seq-1; with packed
         documents they restart at each document and `segments` keeps attention inside each one.
 
         With a `cache` the tokens continue the ones it holds (positions go on from there), and only the last
-        position's logits are computed (batch, 1, vocab): what greedy decoding needs."""
+        position's logits are computed (batch, 1, vocab): what greedy decoding needs. `last` likewise keeps the
+        logits of the last `last` positions only (teacher-forced scoring of an answer), sparing the vocabulary
+        projection of the rest."""
         past = 0 if cache is None else cache.length
         seq_len = past + input_ids.shape[1]
         if position_ids is None:
@@ -219,8 +222,8 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, rope, rope_logit_scale if layer.attn.use_rope else logit_scale, segments, cache)
-        if cache is not None:
-            x = x[:, -1:]
+        if cache is not None or last is not None:
+            x = x[:, -(1 if cache is not None else last) :]
         return self.lm_head(self.norm(x))
 
 

@@ -209,3 +209,13 @@ def test_kv_cache_decoding_gives_the_logits_of_full_recomputation(overrides):
         for end in range(10, 15):
             step = model(ids[:, end - 1 : end], cache=cache)
             torch.testing.assert_close(step[:, -1], model(ids[:, :end])[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_logits_of_the_last_positions_only_equal_those_of_the_full_forward():
+    # Teacher-forced NIAH scoring asks for the answer's positions only, sparing the vocabulary projection elsewhere.
+    model = build(tiny())
+    ids = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, last = model(ids), model(ids, last=5)
+    assert last.shape == (3, 5, 64)
+    torch.testing.assert_close(last, full[:, -5:])

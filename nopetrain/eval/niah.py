@@ -216,7 +216,7 @@ def teacher_forced_scores(
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             ids = torch.tensor([prompts[i] + answers[i][:-1] for i in batch], dtype=torch.long, device=device)
-            predicted = model(ids)[:, -answer_length:].argmax(-1)
+            predicted = model(ids, last=answer_length).argmax(-1)
             expected = torch.tensor([answers[i] for i in batch], dtype=torch.long, device=device)
             for index, right in zip(batch, (predicted == expected).all(1).tolist(), strict=True):
                 scores[index] = float(right)

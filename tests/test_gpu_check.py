@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.sh, the one prepared device call, in its --cpu-smoke mode: the same install, test and
+benchmark steps as far as a CPU allows, so that a lent GPU's first call does not fail on the plumbing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .helpers import REPO, subprocess_env
+
+
+def test_cpu_smoke_runs_every_step_and_writes_a_summary(tmp_path):
+    env = dict(subprocess_env(), OUT=str(tmp_path), PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [results] = tmp_path.glob("cpu-*")
+    summary = (results / "summary.md").read_text()
+    for name in ("gpu_tests", "qk_norm_rope_bench", "train_step_bench"):
+        assert f"| {name} | ok |" in summary, summary
+    assert "skipped" in (results / "gpu_tests.log").read_text()
+    assert not list(tmp_path.glob("nopetrain-site.*")), "the install folder is left behind"
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    if shellcheck:
+        check = subprocess.run([shellcheck, "-S", "warning", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True)
+        assert check.returncode == 0, check.stdout.decode()
+
+
+def test_gpu_mode_without_a_gpu_says_so(tmp_path):
+    env = dict(subprocess_env(), OUT=str(tmp_path), PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no CUDA device here; run with --cpu-smoke" in proc.stderr, proc.stderr

@@ -166,11 +166,16 @@ def train_arms(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"experiment {cfg.name}: training failed for arm(s) {', '.join(failed)}")
 
 
-def protocol(cfg: ExperimentConfig, argv: list[str], seconds: dict[str, float]) -> str:
-    """The run's provenance as a markdown section: command, date, machine, commit, wall times and the resolved
-    experiment config (fixed before the run)."""
+def checkout_commit() -> str:
+    """The checkout's commit, marked when it has uncommitted changes."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return f"{commit or 'unknown'}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def protocol(cfg: ExperimentConfig, argv: list[str], commit: str, seconds: dict[str, float]) -> str:
+    """The run's provenance as a markdown section: command, date, machine, the commit it started from, wall times
+    and the resolved experiment config (fixed before the run)."""
     machine = f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
@@ -182,7 +187,7 @@ def protocol(cfg: ExperimentConfig, argv: list[str], seconds: dict[str, float]) 
             f"- command: `python -m nopetrain.experiment {' '.join(argv)}`",
             f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- machine: {machine}; torch {torch.__version__}",
-            f"- commit: {commit or 'unknown'}{' (with uncommitted changes)' if dirty else ''}",
+            f"- commit at the start: {commit}",
             f"- wall time: {times}",
             "",
             "```yaml",
@@ -195,7 +200,7 @@ def protocol(cfg: ExperimentConfig, argv: list[str], seconds: dict[str, float]) 
 
 def run(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Path]:
     """Corpus, training, evaluation; returns the report's files (results.md ends with the protocol)."""
-    started = time.time()
+    started, commit = time.time(), checkout_commit()
     build_corpus(cfg.corpus)
     train_arms(cfg)
     trained = time.time()
@@ -205,7 +210,7 @@ def run(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Path]:
     done = time.time()
     seconds = {"corpus and training": trained - started, "evaluation": done - trained, "total": done - started}
     report = files["results.md"]
-    write_bytes(report, (report.read_text() + "\n" + protocol(cfg, argv, seconds)).encode())
+    write_bytes(report, (report.read_text() + "\n" + protocol(cfg, argv, commit, seconds)).encode())
     print(f"evaluated in {done - trained:.0f} s; total {done - started:.0f} s ({(done - started) / 60:.1f} min)")
     return files
 

@@ -119,6 +119,8 @@ def _tokenizer_record(record: dict[str, Any], path: str) -> dict[str, Any]:
     """The manifest's tokenizer record with its path resolved: relative to the manifest's folder as `tokenize`
     writes it, or (manifests written before 2026-12-02) relative to the working directory it ran in."""
     record = dict(record)
+    if "path" not in record:  # a hand-written manifest may name its tokenizer by hash only
+        return record
     local = not urlparse(path).scheme and not os.path.isabs(record["path"])
     beside = os.path.normpath(os.path.join(path, record["path"]))
     if local and (os.path.isfile(beside) or not os.path.isfile(record["path"])):

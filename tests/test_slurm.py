@@ -33,7 +33,14 @@ TRAIN = [
     "checkpoint.every=1000",
     "wandb.mode=offline",
 ]
-CPU_JOB = ["--gpus-per-node=0", "--procs-per-node=2", "--time=10", "--signal-grace=60", f"--workdir={REPO}"]
+CPU_JOB = [
+    "--gpus-per-node=0",
+    "--procs-per-node=2",
+    "--cpus-per-rank=1",
+    "--time=10",
+    "--signal-grace=60",
+    f"--workdir={REPO}",
+]
 
 
 def generator_args(tmp: Path, name: str, *options: str) -> list[str]:

@@ -6,9 +6,9 @@
 Two layouts: `torchrun` (one task per node runs torchrun; c10d rendezvous on the job's first node) and
 `task-per-gpu` (srun starts every rank; nopetrain/parallel.py maps SLURM_PROCID/NTASKS/LOCALID to torch's
 variables). SLURM sends USR1 `--signal-grace` seconds before the time limit; the batch shell forwards it (and
-SIGTERM) to the training step, whose ranks checkpoint and exit 75, and then requeues the job. The run directory is
-fixed in the file, so the requeued job resumes there (checkpoint.resume=auto, same W&B run id).
-"""
+SIGTERM) to the training step, whose ranks checkpoint and exit 75. The script requeues the job after USR1 and after
+SLURM's preemption, not after `scancel --signal=TERM`. The run directory is fixed in the file, so the requeued job
+resumes there (checkpoint.resume=auto, same W&B run id)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nopetrain.preemption import PREEMPTED_EXIT_CODE
+from nopetrain.preemption import PREEMPTED_BY_FILE, PREEMPTED_EXIT_CODE
 from nopetrain.slurm import PORT_BASE, PORT_SPAN
 
 MODES = ("torchrun", "task-per-gpu")
@@ -191,6 +191,7 @@ def render(job: SlurmJob, command_line: str) -> str:
         run_dir=shlex.quote(job.run_dir),
         step=step,
         requeue_code=PREEMPTED_EXIT_CODE,
+        preempted_by=PREEMPTED_BY_FILE,
         port_base=PORT_BASE,
         port_span=PORT_SPAN,
     )
@@ -215,20 +216,25 @@ echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODE
 echo "rendezvous $MASTER_ADDR:$MASTER_PORT"
 echo "run dir $RUN_DIR; per-rank logs in $RUN_DIR/logs/"
 
-# USR1 (--signal, before the time limit) and SIGTERM (scancel, preemption) reach this shell; each rank, on either,
-# finishes its step, writes a checkpoint and exits {requeue_code}. After USR1 this script requeues the job, which
-# resumes from that checkpoint; after SIGTERM it does not: scancel means stop, and SLURM requeues a preempted job
-# itself (PreemptMode=REQUEUE).
-signalled=""
+# On USR1 (--signal, before the time limit) or SIGTERM each rank finishes its step, writes a checkpoint, records
+# the signal in $RUN_DIR/{preempted_by} and exits {requeue_code}. Preemption and `scancel --signal=TERM` signal the
+# job steps (ranks, their DataLoader workers, torchrun's agent), not this shell; USR1 and `scancel --batch` signal
+# this shell, which passes the signal on. SIGTERM to srun itself (`scancel --full`, the time limit) ends the step at
+# once: srun turns it into SIGKILL for its tasks, and no option changes that. Hence USR1 --signal-grace seconds
+# before the time limit.
 # shellcheck disable=SC2329  # called by the traps
 forward() {{
-    signalled=$1
     echo "job $SLURM_JOB_ID: SIG$1, asking the ranks to checkpoint"
-    kill -s "$1" "$step_pid" 2>/dev/null
+    if [ "$1" = TERM ]; then
+        scancel --signal=TERM "$SLURM_JOB_ID"
+    else
+        kill -s "$1" "$step_pid" 2>/dev/null
+    fi
 }}
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
+rm -f "$RUN_DIR/{preempted_by}"
 {step} &
 step_pid=$!
 # A trapped signal interrupts `wait`; wait again until the step has really ended.
@@ -239,13 +245,17 @@ while kill -0 "$step_pid" 2>/dev/null; do
     wait "$step_pid" || rc=$?
 done
 
-# torchrun's agent exits non-zero (not {requeue_code}) when signalled, though its workers checkpointed.
-if {{ [ "$signalled" = USR1 ] && [ "$rc" -ne 0 ]; }} || {{ [ -z "$signalled" ] && [ "$rc" -eq {requeue_code} ]; }}; then
-    echo "job $SLURM_JOB_ID: step exited $rc; requeueing"
+# Requeue after the ranks checkpointed for USR1/USR2 (the time limit is near) or for SLURM's preemption (the job
+# would not come back if it ended within the grace time); not after `scancel --signal=TERM`, which means stop.
+# torchrun's agent exits 1 when signalled, though its ranks exited {requeue_code}: the record says what happened.
+preempted_by="$(cat "$RUN_DIR/{preempted_by}" 2>/dev/null || true)"
+if [ -n "$preempted_by" ] && {{ [ "$preempted_by" != SIGTERM ] ||
+    scontrol show job "$SLURM_JOB_ID" | grep -Eq 'PreemptTime=[0-9]'; }}; then
+    echo "job $SLURM_JOB_ID: step exited $rc after the ranks checkpointed for $preempted_by; requeueing"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
-echo "job $SLURM_JOB_ID: step exited $rc"
+echo "job $SLURM_JOB_ID: step exited $rc${{preempted_by:+ after the ranks checkpointed for $preempted_by}}"
 exit "$rc"
 """
 

@@ -174,7 +174,8 @@ def find_damage(path: Path) -> str | None:
     return None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers see the old text or the new, never part of it."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -225,7 +226,7 @@ def write_latest(root: Path) -> None:
     """Points `latest` at the newest complete checkpoint under root (removes it when there is none)."""
     found = complete_checkpoints(root)
     if found:
-        _write_text_atomic(root / "latest", found[-1].name)
+        write_text_atomic(root / "latest", found[-1].name)
     else:
         (root / "latest").unlink(missing_ok=True)
 

@@ -5,10 +5,12 @@ The step loop keeps running sums on the device; they are read back (one sync) ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +116,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._to_wandb(lambda run: run.log(metrics, step=step))
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         keys = [*CONSOLE_KEYS, *sorted(k for k in metrics if k.startswith("eval/"))]
@@ -139,16 +140,31 @@ class MetricsLogger:
         log.info(message)
         self.jsonl.write(json.dumps({"step": step, "event": name, "message": message}) + "\n")
         self.jsonl.flush()
-        if self.run is not None:
-            self.run.log({f"event/{name}": 1.0}, step=step)
+        self._to_wandb(lambda run: run.log({f"event/{name}": 1.0}, step=step))
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.bar is not None:
             self.bar.close()
-        if self.run is not None:
-            self.run.finish()
+        self._to_wandb(lambda run: run.finish())
+
+    def _to_wandb(self, call: Callable[[Any], None]) -> None:
+        """Calls W&B with the run, if there is one. W&B's service (wandb-core) is a process of its own that SLURM
+        signals with the job (preemption, scancel, the time limit) and that exits on SIGTERM; without it the run
+        goes on, metrics.jsonl keeps every row, and the next start continues the same W&B run."""
+        if self.run is None:
+            return
+        import wandb
+
+        try:
+            call(self.run)
+        except (OSError, wandb.errors.Error) as error:
+            log.warning("W&B stopped (%s: %s); metrics go on to %s only", type(error).__name__, error, METRICS_FILE)
+            self.run = None
+            # Drops W&B's exit hook, which would print the same error again at exit.
+            with contextlib.suppress(OSError, wandb.errors.Error):
+                wandb.teardown()
 
 
 def set_aside_rows(run_dir: Path, step: int, folder: Path) -> int:

@@ -30,27 +30,35 @@ class RunDirInUse(RuntimeError):
     """Another live process owns the run directory."""
 
 
-class RunDirLock:
-    """Exclusive ownership of `run_dir`: a POSIX record lock on run_dir/run.lock, whose text names its holder.
+class HolderLock:
+    """An exclusive POSIX record lock on `path`, whose text names its holder (pid and host).
 
     A record lock (fcntl) rather than flock: it is not inherited by fork, so DataLoader workers that outlive a
-    SIGKILLed owner for a moment do not keep the directory locked, and it works on NFS. The kernel drops it when its
-    holder dies, however it dies, so a crashed run never blocks its restart. Closing any descriptor of the file in
-    the holder drops it too; nothing else in the process opens it."""
+    SIGKILLed holder for a moment do not keep it, and it works on NFS. The kernel drops it when its holder dies,
+    however it dies, so a crashed process never blocks the next one. Closing any descriptor of the file in the
+    holder drops it too; nothing else in the process opens it."""
 
-    def __init__(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def try_acquire(self) -> str | None:
+        """Takes the lock and returns None, or returns the text of the live process that holds it."""
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-            holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "a process starting up"
-            os.close(self._fd)
-            raise RunDirInUse(
-                f"run directory {run_dir} is in use by {holder}; stop that run first or choose another run.dir"
-            ) from None
+            return os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "a process starting up"
+        self._write_holder()
+        return None
+
+    def acquire(self) -> None:
+        """Takes the lock, waiting for its holder to release it or die."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        self._write_holder()
+
+    def _write_holder(self) -> None:
         holder = f"pid {os.getpid()} on host {socket.gethostname()}\n".encode()
         # Written over the previous holder's text, then trimmed: a reader never finds the file empty.
         os.pwrite(self._fd, holder, 0)
@@ -58,6 +66,22 @@ class RunDirLock:
 
     def release(self) -> None:
         os.close(self._fd)
+
+
+class RunDirLock:
+    """Exclusive ownership of `run_dir`: a HolderLock on run_dir/run.lock."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._lock = HolderLock(run_dir / LOCK_FILE)
+        holder = self._lock.try_acquire()
+        if holder is not None:
+            self._lock.release()
+            raise RunDirInUse(
+                f"run directory {run_dir} is in use by {holder}; stop that run first or choose another run.dir"
+            )
+
+    def release(self) -> None:
+        self._lock.release()
 
 
 @contextlib.contextmanager

@@ -6,10 +6,14 @@ one source; `deepspeed.extra` is merged last for anything the schema does not na
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -21,7 +25,10 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from nopetrain.config import TrainConfig
 from nopetrain.model import Transformer
 from nopetrain.optim import param_groups
+from nopetrain.ownership import HolderLock
 from nopetrain.slurm import rank_env_from_slurm
+
+log = logging.getLogger("nopetrain")
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,58 @@ def skip_shm_comm() -> None:
     """Keeps DeepSpeed's shared-memory all-reduce (a C++ op compiled on first start, minutes on a small machine,
     silently) out of CPU runs: gloo does the collectives, which at the sizes a CPU trains are not the bottleneck."""
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def optimizer_ops(cfg: TrainConfig, cpu: bool) -> list[str]:
+    """The DeepSpeed op builders the run's optimizer loads: C++/CUDA code that DeepSpeed JIT-builds on first use
+    unless it was installed with the op prebuilt (the Dockerfile prebuilds both)."""
+    if cfg.deepspeed.offload_optimizer:
+        return ["CPUAdamBuilder"]
+    return [] if cpu else ["FusedAdamBuilder"]
+
+
+def build_deepspeed_ops(cfg: TrainConfig, cpu: bool) -> None:
+    """Loads the optimizer's DeepSpeed ops before deepspeed.initialize does, building those not prebuilt (see
+    `build_op`)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's load() builds, and puts its lock
+
+    for builder_name in optimizer_ops(cfg, cpu):
+        builder = get_accelerator().create_op_builder(builder_name)
+        if not installed_ops.get(builder.name, False):
+            build_dir = Path(_get_build_directory(builder.name, verbose=False))
+            build_op(builder.name, build_dir, lambda builder=builder: builder.load(verbose=False))
+
+
+def build_op(name: str, build_dir: Path, load: Callable[[], object]) -> None:
+    """Runs `load` (which builds op `name` in build_dir unless built) under a HolderLock beside build_dir, saying
+    what it waits for and what it builds. torch's build waits on a bare `lock` file in build_dir, which a build
+    killed part-way leaves behind: every later start then waited forever without a word. With our lock held, such a
+    file can only be a dead build's, and it is removed with a warning."""
+    lock = HolderLock(build_dir.with_name(f"{build_dir.name}.owner"))
+    holder = lock.try_acquire()
+    if holder is not None:
+        log.info("waiting for %s, which is building DeepSpeed's %s op in %s", holder, name, build_dir)
+        lock.acquire()
+    try:
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removed %s, left by a build of DeepSpeed's %s op that was killed", stale, name)
+            stale.unlink()
+        built = (build_dir / f"{name}.so").exists()
+        if not built:
+            log.info(
+                "building DeepSpeed's %s op in %s (first start with this TORCH_EXTENSIONS_DIR; minutes)",
+                name,
+                build_dir,
+            )
+        start = time.monotonic()
+        load()
+        if not built:
+            log.info("built DeepSpeed's %s op in %.0f s", name, time.monotonic() - start)
+    finally:
+        lock.release()
 
 
 def init_distributed() -> DistEnv:
@@ -163,6 +222,7 @@ def build_engine(
         model = Transformer(cfg.model, extra_qk_norm)
     if pretrained is not None:
         load_weights(model, pretrained, partitioned=stage3)
+    build_deepspeed_ops(cfg, env.device.type == "cpu")
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config, dist_init_required=False
     )

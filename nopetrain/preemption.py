@@ -20,6 +20,10 @@ PREEMPTED_EXIT_CODE = 75
 # SLURM's `--signal=USR1@<seconds>` (sbatch) and SIGTERM (scancel, preemption, torchrun's agent); SIGUSR2 is what
 # submitit (hydra/launcher=slurm) asks SLURM for.
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# Written into run.dir by rank 0 with the checkpoint of a preemption: the signal's name. The SLURM job script
+# (nopetrain/launch/slurm.py) requeues after SIGUSR1/SIGUSR2 and after SLURM's preemption, not after a user's
+# `scancel --signal=TERM`.
+PREEMPTED_BY_FILE = "preempted_by"
 
 
 class Preempted(Exception):
@@ -66,7 +70,8 @@ class PreemptionWatch:
         if self._group is None:
             # Separate from the default group so that it never orders itself among DeepSpeed's collectives.
             self._group = dist.new_group(backend="gloo")
-        self._flag.fill_(int(self.received is not None))
+        # The signal's number: the MAX agrees on one signal too (SIGTERM over SIGUSR1/2), whichever rank got it.
+        self._flag.fill_(self.received or 0)
         self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
 
     def signalled(self) -> bool:
@@ -76,7 +81,8 @@ class PreemptionWatch:
         return bool(self._flag.item())
 
     def signal_name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "another rank's signal"
+        """The agreed signal's name, once `signalled` has said there is one."""
+        return signal.Signals(int(self._flag.item())).name
 
     def hand_over(self) -> None:
         """Calls the handler that was in place before ours for the received signal, if it was a Python function
@@ -85,9 +91,12 @@ class PreemptionWatch:
         if callable(previous):
             previous(self.received, None)
 
-    def uninstall(self) -> None:
+    def uninstall(self, preempted: bool = False) -> None:
+        """Restores the previous handlers or, `preempted`, ignores the preemption signals until the process exits:
+        the checkpoint is written, and a later signal must not turn exit 75 into death by signal (srun ends a
+        step's other tasks with SIGTERM once one exits non-zero)."""
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if preempted else handler)

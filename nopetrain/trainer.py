@@ -37,7 +37,7 @@ from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_t
 from nopetrain.model import count_parameters, lm_loss
 from nopetrain.ownership import die_with_torchrun_agent, own_run_dir
 from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
-from nopetrain.preemption import Preempted, PreemptionWatch
+from nopetrain.preemption import PREEMPTED_BY_FILE, Preempted, PreemptionWatch
 
 log = logging.getLogger("nopetrain")
 
@@ -442,6 +442,8 @@ class Trainer:
                 saved_to = self.save()
             if preempted:
                 stop = Preempted(state["step"], str(saved_to), self.watch.signal_name())
+                if self.env.is_main:
+                    checkpoint.write_text_atomic(Path(cfg.run.dir) / PREEMPTED_BY_FILE, f"{stop.signal_name}\n")
                 log.info("%s; exiting for requeue", stop)
                 raise stop
 
@@ -453,15 +455,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     die_with_torchrun_agent()
     # First, so that a signal during start-up is not lost.
     watch = PreemptionWatch()
+    preempted = False
     try:
         env = init_distributed()
         with own_run_dir(Path(cfg.run.dir), env.rank):
             return _train(cfg, env, watch)
     except Preempted:
+        preempted = True
         watch.hand_over()
         raise
     finally:
-        watch.uninstall()
+        watch.uninstall(preempted)
 
 
 def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, Any]:

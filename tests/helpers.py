@@ -1,4 +1,5 @@
-"""Shared test set-up: real training runs in subprocesses (python train.py / torchrun) and their metrics."""
+"""Shared test set-up: configs composed by Hydra, real training runs in subprocesses (python train.py / torchrun)
+and their metrics."""
 
 from __future__ import annotations
 
@@ -13,8 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nopetrain.config import TrainConfig, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def composed(*overrides: str) -> TrainConfig:
+    """The train config Hydra composes from configs/ with `overrides`, as train.py gets it."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=list(overrides)))
 
 
 def subprocess_env() -> dict[str, str]:

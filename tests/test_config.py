@@ -6,19 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from nopetrain.config import ConfigError, TrainConfig, register_configs, validate
+from nopetrain.config import ConfigError, validate
 from nopetrain.hf import pretrained_model
 
-from .helpers import REPO, subprocess_env
-
-
-def composed(*overrides: str) -> TrainConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return OmegaConf.to_object(compose("train", overrides=list(overrides)))
+from .helpers import REPO, composed, subprocess_env
 
 
 @pytest.mark.parametrize(

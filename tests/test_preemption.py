@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from nopetrain.checkpoint import complete_checkpoints
@@ -33,10 +34,12 @@ def logged_steps(run_dir: Path) -> int:
 
 
 def signal_after_steps(
-    cmd: list[str], run_dir: Path, sig: signal.Signals, after: int, repeat: bool, to_group: bool = False
+    cmd: list[str], run_dir: Path, sig: signal.Signals, after: int, repeat: bool, to: str = "process"
 ) -> subprocess.CompletedProcess:
-    """Starts `cmd` in a session of its own, sends `sig` once `after` steps are logged (twice if `repeat`) to it or,
-    `to_group`, to its whole process group, and waits for it to exit."""
+    """Starts `cmd` in a session of its own, sends `sig` once `after` steps are logged (twice if `repeat`) to it
+    (`to="process"`), its process group ("group", as `timeout` and `kill -TERM -PGID` do) or every process it
+    started, whatever their session ("tree", as SLURM's process tracking does: W&B's service process included),
+    and waits for it to exit."""
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -48,8 +51,12 @@ def signal_after_steps(
     )
 
     def send() -> None:
-        if to_group:
+        if to == "group":
             os.killpg(proc.pid, sig)
+        elif to == "tree":
+            for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(sig)
         else:
             proc.send_signal(sig)
 
@@ -142,14 +149,20 @@ def straight_shard_runs(tmp_path_factory, corpus):
     return runs
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda sig: sig.name)
-def test_signal_to_process_group_spares_loader_workers(tmp_path, corpus, straight_shard_runs, sig):
-    # What SLURM (preemption, scancel, time limit) and `timeout` do: the signal reaches the DataLoader workers too.
-    # SIGTERM killed them before workers ignored it; SIGUSR1 did not (they inherited the watch's handler), and stays
-    # here so that the workers keep ignoring every preemption signal.
+@pytest.mark.parametrize(
+    ("sig", "to"),
+    [(signal.SIGTERM, "group"), (signal.SIGUSR1, "group"), (signal.SIGTERM, "tree")],
+    ids=["SIGTERM-group", "SIGUSR1-group", "SIGTERM-tree"],
+)
+def test_signal_to_every_process_spares_loader_workers_and_wandb(tmp_path, corpus, straight_shard_runs, sig, to):
+    # What `timeout` (the group) and SLURM (preemption, scancel, time limit: the whole tree) do: the signal reaches
+    # the DataLoader workers too, and under SLURM W&B's service process, which runs in a session of its own. SIGTERM
+    # killed the workers before they ignored it; SIGUSR1 did not (they inherited the watch's handler), and stays here
+    # so that the workers keep ignoring every preemption signal. W&B's service exits on SIGTERM; the run goes on
+    # without it.
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, *shard_overrides(corpus))
-    proc = signal_after_steps(cmd, run_dir, sig, after=3, repeat=False, to_group=True)
+    proc = signal_after_steps(cmd, run_dir, sig, after=3, repeat=False, to=to)
     assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
     [saved] = complete_checkpoints(run_dir / "checkpoints")
     assert f"preempted by {sig.name}: checkpoint of step" in proc.stderr
@@ -158,13 +171,18 @@ def test_signal_to_process_group_spares_loader_workers(tmp_path, corpus, straigh
     assert f"resumed from {saved}" in resumed.stderr
     combined = losses(run_dir)
     assert combined == straight_shard_runs[1]
+    # Both starts wrote to the same W&B run. Signalled with the tree, W&B's service exits before it has written the
+    # first start's offline records (metrics.jsonl has them); the next start continues the run.
+    run_id = json.loads((saved / "trainer_state.json").read_text())["wandb_run_id"]
+    runs = [run.run_id for run in wandb_runs(run_dir)]
+    assert runs == [run_id] * 2 if to == "group" else set(runs) == {run_id}, runs
 
 
 def test_sigterm_to_torchrun_process_group_with_loader_workers(tmp_path, corpus, straight_shard_runs):
     # The agent forwards SIGTERM to each rank's process group (each rank has a session of its own), workers included.
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, *shard_overrides(corpus), nproc=2)
-    proc = signal_after_steps(cmd, run_dir, signal.SIGTERM, after=3, repeat=False, to_group=True)
+    proc = signal_after_steps(cmd, run_dir, signal.SIGTERM, after=3, repeat=False, to="tree")
     assert proc.returncode == 1 and "SignalException" in proc.stderr, proc.stderr[-3000:]
     assert len(complete_checkpoints(run_dir / "checkpoints")) == 1
     assert "preempted by SIGTERM" in proc.stderr, proc.stderr[-3000:]

@@ -32,11 +32,17 @@ def fail(err: Exception, code: int) -> None:
 
 
 def print_plan(cfg: TrainConfig) -> None:
-    # Imported here, as the trainer is in run(): a dry run loads neither DeepSpeed (until its config has passed) nor
-    # the data pipeline, so a refused config fails at once, in one line.
-    from nopetrain.plan import format_plan, make_plan
+    # validate() needs no torch, which takes seconds to import: a refused config fails in the first second, in one
+    # line. A model read from init_from's config.json is validated once it is read, in make_plan. The plan is
+    # imported here, as the trainer is in run(): a dry run loads neither DeepSpeed nor the data pipeline.
+    from nopetrain.config import planned_world_size, validate, validate_plan
 
     try:
+        if cfg.init_from is None:
+            validate_plan(cfg.plan, planned_world_size(cfg))
+            validate(cfg, planned_world_size(cfg))
+        from nopetrain.plan import format_plan, make_plan
+
         print(format_plan(make_plan(cfg)))
     except ConfigError as err:
         fail(err, 2)

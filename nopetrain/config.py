@@ -8,6 +8,7 @@ line is parsed; `validate()` then checks what types cannot express (divisibility
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,13 @@ class RunDirCheck(Callback):
         except ConfigError as err:
             print(f"nopetrain: error: {err}", file=sys.stderr)
             sys.exit(2)
+
+
+def planned_world_size(cfg: TrainConfig) -> int:
+    """The world size a dry run plans for: plan.world_size, else $WORLD_SIZE (set by torchrun), else 1."""
+    if cfg.plan.world_size is not None:
+        return cfg.plan.world_size
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def validate_plan(cfg: PlanConfig, world_size: int) -> None:

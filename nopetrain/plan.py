@@ -9,14 +9,13 @@ parameters are counted exactly, for any size, without memory. The cluster comes 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from nopetrain.config import ConfigError, ModelConfig, TrainConfig, validate, validate_plan
+from nopetrain.config import ConfigError, ModelConfig, TrainConfig, planned_world_size, validate, validate_plan
 from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.drope import dormant_qk_norm, drop_rope
 from nopetrain.hf import pretrained_model
@@ -52,13 +51,6 @@ class RunPlan:
     memory_phase: Phase  # the phase whose micro-batch needs the most activation memory
     peak_tflops: float  # of one GPU
     seconds: float  # at plan.mfu on plan.world_size GPUs
-
-
-def planned_world_size(cfg: TrainConfig) -> int:
-    """plan.world_size, else $WORLD_SIZE (set by torchrun), else 1."""
-    if cfg.plan.world_size is not None:
-        return cfg.plan.world_size
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def gpu_peak_tflops(cfg: TrainConfig, bf16: bool) -> float:

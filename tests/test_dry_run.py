@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -29,15 +30,14 @@ from nopetrain.parallel import DistEnv, build_engine, init_distributed
 from nopetrain.plan import make_plan
 from nopetrain.trainer import check_resumed_config
 
-from .helpers import REPO, gpu, subprocess_env
-from .test_config import composed
+from .helpers import REPO, composed, gpu, subprocess_env
 
 
-def dry_run(cwd, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+def dry_run(cwd, *overrides: str, python_options: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
     """train.py dry_run=true in `cwd`, and its wall time."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "dry_run=true", *overrides],
+        [sys.executable, *python_options, str(REPO / "train.py"), "dry_run=true", *overrides],
         cwd=cwd,
         env=subprocess_env(),
         capture_output=True,
@@ -83,25 +83,28 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "message", "before_torch"),
     [
-        (["plan.world_size=16"], "global_batch_size=8 must be a multiple of micro_batch_size x world size = 128"),
-        (["optim.lr=-1"], "optim.lr=-1.0 must be finite and >= 0"),
-        (["plan.world_size=12"], "plan.world_size=12 must fill whole nodes of plan.gpus_per_node=8"),
-        (["plan.gpu=T4"], "plan.gpu='T4' has no known peak"),
+        (["plan.world_size=16"], "global_batch_size=8 must be a multiple of micro_batch_size x world size = 128", 1),
+        (["optim.lr=-1"], "optim.lr=-1.0 must be finite and >= 0", 1),
+        (["plan.world_size=12"], "plan.world_size=12 must fill whole nodes of plan.gpus_per_node=8", 1),
+        (["plan.gpu=T4"], "plan.gpu='T4' has no known peak", 0),
     ],
 )
-def test_refused_config_fails_at_once_in_one_line(tmp_path, overrides, message):
+def test_refused_config_fails_at_once_in_one_line(tmp_path, overrides, message, before_torch):
     """Exit 2 with one line on stderr naming the key and nothing on stdout, where DeepSpeed logs as it is imported.
-    The bound is generous for a loaded machine; the time is printed (about 2 s on an idle one, most of it importing
-    torch)."""
-    proc, elapsed = dry_run(REPO, f"run.dir={tmp_path}/run", *overrides)
+    What validate() refuses is refused before torch is imported (which takes seconds): about 1 s on an idle
+    machine, printed; the time bound is generous for a loaded one."""
+    proc, elapsed = dry_run(REPO, f"run.dir={tmp_path}/run", *overrides, python_options=("-X", "importtime"))
     print(f"dry run refused {overrides} in {elapsed:.1f} s")
     assert proc.returncode == 2
-    [line] = proc.stderr.splitlines()
+    imports = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    [line] = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert line.startswith(f"nopetrain: error: {message}")
     assert proc.stdout == ""
     assert elapsed < 20
+    if before_torch:
+        assert not any(re.search(r"\|\s+torch$", line) for line in imports)
 
 
 def test_plan_counts_a_real_model_and_follows_the_schedule():

@@ -18,7 +18,17 @@ import pytest
 from nopetrain.checkpoint import complete_checkpoints
 from nopetrain.preemption import PREEMPTED_EXIT_CODE
 
-from .helpers import REPO, build_corpus, corpus_overrides, losses, run_train, subprocess_env, train_command, wandb_runs
+from .helpers import (
+    REPO,
+    WANDB,
+    build_corpus,
+    corpus_overrides,
+    losses,
+    run_train,
+    subprocess_env,
+    train_command,
+    wandb_runs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +98,7 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, straight_run)
     # One task per GPU under SLURM: the signal reaches train.py itself (SIGTERM here, SIGUSR1 below).
     run_dir = tmp_path / "run"
     sig = signal.SIGTERM
-    cmd = train_command(run_dir, STEPS, NO_PERIODIC, *BATCH)
+    cmd = train_command(run_dir, STEPS, NO_PERIODIC, WANDB, *BATCH)
     proc = signal_after_steps(cmd, run_dir, sig, after=3, repeat=True)
     assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
     saved = complete_checkpoints(run_dir / "checkpoints")
@@ -100,7 +110,7 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, straight_run)
     assert f"preempted by {sig.name}: checkpoint of step {step} saved to {saved[0]}" in proc.stderr
     assert max(losses(run_dir)) == step
 
-    resumed = run_train(run_dir, STEPS, NO_PERIODIC, *BATCH)
+    resumed = run_train(run_dir, STEPS, NO_PERIODIC, WANDB, *BATCH)
     assert f"resumed from {saved[0]} at step {step}" in resumed.stderr
     combined = losses(run_dir)
     assert combined == straight_run
@@ -134,8 +144,8 @@ def corpus(tmp_path_factory):
 
 
 def shard_overrides(corpus: Path) -> list[str]:
-    # The default data config: one DataLoader worker per source.
-    return [STEPS, NO_PERIODIC, *corpus_overrides(corpus), *BATCH]
+    # The default data config: one DataLoader worker per source; W&B's service is one more process the signal meets.
+    return [STEPS, NO_PERIODIC, WANDB, *corpus_overrides(corpus), *BATCH]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from nopetrain.config import TrainConfig, register_configs
 from nopetrain.sweep import sweep_member
 
-from .helpers import REPO, losses, subprocess_env, train_command, wandb_runs
+from .helpers import REPO, WANDB, losses, subprocess_env, train_command, wandb_runs
 
 
 def test_sweep_member_gets_its_own_dir_and_the_sweep_group():
@@ -46,7 +46,7 @@ def test_slurm_launcher_composes():
 @pytest.mark.slow
 def test_local_sweep_runs_members_in_one_wandb_group(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cmd = train_command(sweep_dir, "run.name=nope-sweep", "steps=2", "model.no_rope_layer_interval=0,2")
+    cmd = train_command(sweep_dir, "run.name=nope-sweep", "steps=2", WANDB, "model.no_rope_layer_interval=0,2")
     cmd.insert(cmd.index(str(REPO / "train.py")) + 1, "-m")  # before the overrides (argparse)
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

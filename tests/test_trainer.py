@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nopetrain.checkpoint import INCOMPLETE_PREFIX, complete_checkpoints
 from nopetrain.trainer import setup_logging
 
-from .helpers import REPO, losses, run_train, subprocess_env, train_command
+from .helpers import REPO, WANDB, losses, run_train, subprocess_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
 
 def test_wandb_offline_run_and_saved_config(tmp_path):
     run_dir = tmp_path / "run"
-    run_train(run_dir, "steps=2", *BATCH)
+    run_train(run_dir, "steps=2", WANDB, *BATCH)
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb"))

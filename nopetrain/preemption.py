@@ -8,7 +8,9 @@ by which time it has long completed, so the agreement costs no GPU host sync and
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -44,6 +46,21 @@ def ignore_preemption_signals(worker_id: int) -> None:
     watchdog ends a worker whose training process died."""
     for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    # Forked with them blocked (preemption_signals_blocked): a signal that came in between is discarded now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+
+
+@contextlib.contextmanager
+def preemption_signals_blocked() -> Iterator[None]:
+    """Holds the preemption signals back from this thread (one that arrives meanwhile is delivered after) and from the
+    processes it forks, which inherit the mask. DataLoader workers are forked so, and unblock them once they ignore
+    them (ignore_preemption_signals): in between, torch's own SIGTERM handler let a signal kill a worker that was
+    starting when the job was signalled (seen under SLURM: a source's workers start at its first sample)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionWatch:

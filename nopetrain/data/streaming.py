@@ -52,7 +52,7 @@ from webdataset.gopen import gopen
 
 from nopetrain.config import ConfigError, TrainConfig
 from nopetrain.data import Batch, batch_from_chunks
-from nopetrain.preemption import ignore_preemption_signals
+from nopetrain.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 log = logging.getLogger("nopetrain")
 
@@ -403,7 +403,8 @@ class _SourceReader:
             prefetch_factor=PREFETCH if workers else None,
             worker_init_fn=ignore_preemption_signals,
         )
-        return iter(loader)
+        with preemption_signals_blocked():  # the workers start (fork) here
+            return iter(loader)
 
     def next_sample(self) -> _Sample:
         if self._iterator is None:

@@ -39,8 +39,9 @@ def print_plan(cfg: TrainConfig) -> None:
 
     try:
         if cfg.init_from is None:
-            validate_plan(cfg.plan, planned_world_size(cfg))
-            validate(cfg, planned_world_size(cfg))
+            world_size = planned_world_size(cfg)
+            validate_plan(cfg.plan, world_size)
+            validate(cfg, world_size)
         from nopetrain.plan import format_plan, make_plan
 
         print(format_plan(make_plan(cfg)))

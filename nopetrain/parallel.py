@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +55,26 @@ def skip_shm_comm() -> None:
     """Keeps DeepSpeed's shared-memory all-reduce (a C++ op compiled on first start, minutes on a small machine,
     silently) out of CPU runs: gloo does the collectives, which at the sizes a CPU trains are not the bottleneck."""
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+# DeepSpeed's Muon kernels, decorated with torch.compile at import.
+MUON_KERNELS = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def _no_muon(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("nopetrain builds AdamW; DeepSpeed's Muon kernels are not loaded in this process")
+
+
+def skip_muon_import() -> None:
+    """Keeps DeepSpeed's Muon kernels from being imported by a run that does not use them: ZeRO imports them in
+    every gradient reduction and calls them only for parameters marked `use_muon`, and importing them compiles
+    (torch.compile imports torch._dynamo and inductor: about 2 s of every start on a 2-core machine). nopetrain
+    builds AdamW and marks no parameter, so a stand-in module whose functions refuse to run takes their place."""
+    if MUON_KERNELS not in sys.modules:
+        stand_in = types.ModuleType(MUON_KERNELS, "nopetrain's stand-in: this process runs no Muon optimizer")
+        stand_in.muon_update = stand_in.adam_update = _no_muon
+        stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (torch.optim.Optimizer,), {"__init__": _no_muon})
+        sys.modules[MUON_KERNELS] = stand_in
 
 
 def optimizer_ops(cfg: TrainConfig, cpu: bool) -> list[str]:
@@ -223,6 +245,7 @@ def build_engine(
     if pretrained is not None:
         load_weights(model, pretrained, partitioned=stage3)
     build_deepspeed_ops(cfg, env.device.type == "cpu")
+    skip_muon_import()
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config, dist_init_required=False
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nopetrain.parallel import build_op, optimizer_ops
-from tests.helpers import REPO, composed
+from tests.helpers import REPO, composed, losses, subprocess_env, train_command
 
 NAME = "fused_adam"
 
@@ -98,3 +98,17 @@ def test_a_killed_builder_does_not_hold_the_next_start(tmp_path, caplog):
 )
 def test_the_ops_each_optimizer_set_up_loads(overrides, cpu, ops):
     assert optimizer_ops(composed(*overrides), cpu) == ops
+
+
+def test_a_run_trains_without_importing_deepspeeds_muon_kernels(tmp_path: Path) -> None:
+    """ZeRO imports its Muon kernels in every gradient reduction, and importing them compiles (torch._dynamo and
+    inductor: about 2 s of every start). A run with AdamW takes its steps without them."""
+    cmd = train_command(tmp_path / "run", "steps=2")
+    proc = subprocess.run(
+        [cmd[0], "-X", "importtime", *cmd[1:]], cwd=REPO, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "deepspeed.runtime.zero.stage_1_and_2" in imported
+    assert not {"deepspeed.runtime.zero.muon.original_muon", "torch._inductor.compile_fx"} & imported
+    assert len(losses(tmp_path / "run")) == 2

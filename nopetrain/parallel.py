@@ -22,6 +22,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+from deepspeed.runtime.config import MUON_OPTIMIZER
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from nopetrain.config import TrainConfig
@@ -62,15 +63,15 @@ MUON_KERNELS = "deepspeed.runtime.zero.muon.original_muon"
 
 
 def _no_muon(*args: object, **kwargs: object) -> None:
-    raise RuntimeError("nopetrain builds AdamW; DeepSpeed's Muon kernels are not loaded in this process")
+    raise RuntimeError("this run's optimizer is not Muon; DeepSpeed's Muon kernels are not loaded in this process")
 
 
-def skip_muon_import() -> None:
-    """Keeps DeepSpeed's Muon kernels from being imported by a run that does not use them: ZeRO imports them in
-    every gradient reduction and calls them only for parameters marked `use_muon`, and importing them compiles
-    (torch.compile imports torch._dynamo and inductor: about 2 s of every start on a 2-core machine). nopetrain
-    builds AdamW and marks no parameter, so a stand-in module whose functions refuse to run takes their place."""
-    if MUON_KERNELS not in sys.modules:
+def skip_muon_import(ds_config: dict[str, Any]) -> None:
+    """Keeps DeepSpeed's Muon kernels from being imported by a run whose optimizer is not Muon: ZeRO imports them
+    in every gradient reduction and calls them only for parameters marked `use_muon`, and importing them compiles
+    (torch.compile imports torch._dynamo and inductor: about 2 s of every start on a 2-core machine). Unless
+    `deepspeed.extra` asks for Muon, a stand-in module whose functions refuse to run takes their place."""
+    if str(ds_config["optimizer"]["type"]).lower() != MUON_OPTIMIZER and MUON_KERNELS not in sys.modules:
         stand_in = types.ModuleType(MUON_KERNELS, "nopetrain's stand-in: this process runs no Muon optimizer")
         stand_in.muon_update = stand_in.adam_update = _no_muon
         stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (torch.optim.Optimizer,), {"__init__": _no_muon})
@@ -245,7 +246,7 @@ def build_engine(
     if pretrained is not None:
         load_weights(model, pretrained, partitioned=stage3)
     build_deepspeed_ops(cfg, env.device.type == "cpu")
-    skip_muon_import()
+    skip_muon_import(ds_config)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config, dist_init_required=False
     )

@@ -112,3 +112,14 @@ def test_a_run_trains_without_importing_deepspeeds_muon_kernels(tmp_path: Path) 
     assert "deepspeed.runtime.zero.stage_1_and_2" in imported
     assert not {"deepspeed.runtime.zero.muon.original_muon", "torch._inductor.compile_fx"} & imported
     assert len(losses(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize("optimizer, stand_in", [("AdamW", True), ("Muon", False)])
+def test_the_muon_stand_in_is_left_out_when_deepspeed_extra_asks_for_muon(optimizer, stand_in):
+    code = (
+        "import sys; from nopetrain.parallel import MUON_KERNELS, skip_muon_import; "
+        f"skip_muon_import({{'optimizer': {{'type': {optimizer!r}}}}}); print(MUON_KERNELS in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == str(stand_in)

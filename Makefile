@@ -33,8 +33,10 @@ $(DATA)/corpus.json: | $(STAMP)
 train: $(STAMP) $(DATA)/corpus.json
 	$(PY) train.py run.name=$(RUN) curriculum=demo steps=400 log_every=25 checkpoint.every=200
 
+# Two workers, a file to each at a time (tests/conftest.py hands out the longest first): most of the suite is
+# multi-process runs whose start-up is single-threaded, which leaves one of two cores idle when run serially.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The newest versions pyproject.toml allows, in .venv-latest: which packages moved and which tests each one breaks.
 # TESTS narrows the run, e.g. `make test-latest TESTS=tests/test_export.py`.

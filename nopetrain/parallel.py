@@ -40,13 +40,14 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    owns_group: bool = False  # init_distributed made the process group (no caller had)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -143,7 +144,7 @@ def init_distributed() -> DistEnv:
     os.environ.update(rank_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         # SLURM may bind each task to its own GPU (--gpus-per-task): then it sees one device, whatever its rank.
@@ -151,11 +152,23 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         if device.type == "cpu":
             skip_shm_comm()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
+
+
+def destroy_process_group(env: DistEnv) -> None:
+    """Destroys the group init_distributed made, while the interpreter is whole: gloo's worker threads left to its
+    teardown abort the process now and then ("terminate called without an active exception", exit -6, seen on
+    rank 1 of a 2-rank ZeRO-3 run; pytorch#190489). DeepSpeed's own call, so that it also forgets the groups it
+    derived from this one and a later run in the process (a local Hydra sweep) starts afresh. Call it only on a
+    way out every rank takes together: the destructor joins those threads, so work a failed peer never finishes
+    would hang it."""
+    if env.owns_group and dist.is_initialized():
+        deepspeed.comm.destroy_process_group()
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -36,7 +36,7 @@ from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops, set_aside_rows
 from nopetrain.model import count_parameters, lm_loss
 from nopetrain.ownership import die_with_torchrun_agent, own_run_dir
-from nopetrain.parallel import DistEnv, build_engine, init_distributed, use_bf16
+from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, init_distributed, use_bf16
 from nopetrain.preemption import PREEMPTED_BY_FILE, Preempted, PreemptionWatch
 
 log = logging.getLogger("nopetrain")
@@ -455,17 +455,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     die_with_torchrun_agent()
     # First, so that a signal during start-up is not lost.
     watch = PreemptionWatch()
-    preempted = False
+    preempted = ended_together = False
     try:
         env = init_distributed()
         with own_run_dir(Path(cfg.run.dir), env.rank):
-            return _train(cfg, env, watch)
+            state = _train(cfg, env, watch)
+        ended_together = True
+        return state
     except Preempted:
-        preempted = True
+        preempted = ended_together = True
         watch.hand_over()
         raise
     finally:
         watch.uninstall(preempted)
+        if ended_together:
+            destroy_process_group(env)
 
 
 def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, Any]:

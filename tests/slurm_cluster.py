@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nopetrain.parallel import free_port
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue")
 
 
@@ -30,12 +32,6 @@ def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "a local SLURM cluster runs its daemons as root (SlurmUser=root); not root"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 SLURM_CONF = """\
@@ -103,7 +99,7 @@ class SlurmCluster:
         for name in ("state", "spool"):
             (self.root / name).mkdir()
         conf = SLURM_CONF.format(
-            host=self.host, root=self.root, cpus=self.cpus, ctld_port=_free_port(), slurmd_port=_free_port()
+            host=self.host, root=self.root, cpus=self.cpus, ctld_port=free_port(), slurmd_port=free_port()
         )
         (self.root / "slurm.conf").write_text(conf)
         self._daemon(

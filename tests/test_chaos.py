@@ -19,7 +19,7 @@ import torch
 from nopetrain.checkpoint import complete_checkpoints
 from nopetrain.ownership import LOCK_FILE
 
-from .helpers import REPO, build_corpus, corpus_overrides, losses, run_train, subprocess_env, train_command
+from .helpers import REPO, corpus_overrides, losses, run_train, subprocess_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,6 @@ TRAIN = (f"steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "global_ba
 # Share of starts killed during start-up (imports, process group, engine, loaders) rather than after a step.
 STARTUP_KILLS = 0.3
 STARTUP_SECONDS = 6.0
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_corpus(tmp_path_factory.mktemp("chaos-corpus"))
 
 
 def wait_until_unowned(run_dir: Path, timeout: float = 60) -> None:

@@ -13,7 +13,7 @@ from nopetrain.export import export
 from nopetrain.hf import load_hf_state_dict
 from nopetrain.model import Transformer
 
-from .helpers import build_corpus, corpus_overrides, losses, run_train
+from .helpers import corpus_overrides, losses, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,6 @@ def rows(run_dir):
 
 def trainer_state(run_dir, step):
     return json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus") / "default")
 
 
 def test_interrupted_runs_equal_a_straight_run_across_phase_change_and_switch(tmp_path, corpus):

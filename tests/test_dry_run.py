@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.zero.stage3 import model_to_params
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -26,7 +24,7 @@ from nopetrain.drope import drop_rope
 from nopetrain.memory import deepspeed_estimate, model_states, saved_activation_bytes
 from nopetrain.metrics import flops_per_token
 from nopetrain.model import Transformer, count_parameters, lm_loss
-from nopetrain.parallel import DistEnv, build_engine, init_distributed
+from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, free_port, init_distributed
 from nopetrain.plan import make_plan
 from nopetrain.trainer import check_resumed_config
 
@@ -201,15 +199,14 @@ def test_activation_formula_is_what_autograd_saves(bf16, shape):
 @pytest.fixture(scope="module")
 def process_group():
     """A gloo group of one in this process, as `python train.py` makes; the environment is restored after."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with pytest.MonkeyPatch.context() as env:
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
             env.setenv(key, value)
         env.setenv("MASTER_PORT", str(port))
-        yield init_distributed()
-        dist.destroy_process_group()
+        env = init_distributed()
+        yield env
+        destroy_process_group(env)
 
 
 def training_step(engine, stream: SyntheticStream, device: torch.device) -> None:

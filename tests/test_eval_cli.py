@@ -30,14 +30,9 @@ from nopetrain.eval.config import (
 from nopetrain.eval.evaluate import evaluate
 from nopetrain.eval.report import write_report
 
-from .helpers import REPO, build_corpus, copy_run, corpus_overrides, run_train, subprocess_env
+from .helpers import REPO, copy_run, corpus_overrides, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

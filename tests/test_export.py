@@ -16,7 +16,7 @@ from nopetrain.config import ModelConfig
 from nopetrain.eval import logit_scale
 from nopetrain.export import main
 from nopetrain.model import KVCache, Transformer
-from tests.helpers import REPO, build_corpus, corpus_overrides, run_train, subprocess_env
+from tests.helpers import REPO, corpus_overrides, run_train, subprocess_env
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,11 +53,6 @@ def drope_run(tmp_path_factory) -> Path:
 def zero3_checkpoint(tmp_path_factory) -> Path:
     overrides = ("deepspeed=zero3", "micro_batch_size=4", "model.no_rope_layer_interval=2", "model.sliding_window=4")
     return train(tmp_path_factory, "zero3", *overrides, nproc=2)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

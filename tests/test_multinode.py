@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nopetrain.parallel import _free_port
+from nopetrain.parallel import free_port
 
 from .helpers import REPO, losses, run_train, subprocess_env, train_command
 
@@ -26,7 +26,7 @@ def test_two_torchrun_agents_match_one_process(tmp_path):
     run_dir = tmp_path / "two_nodes"
     overrides = train_command(run_dir, *BATCH)[2:]  # train.py's overrides, without the interpreter and script
     env = subprocess_env()
-    env.update(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}")
+    env.update(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])  # torchrun of this venv
     agents = [
         subprocess.Popen(

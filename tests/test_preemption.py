@@ -21,7 +21,6 @@ from nopetrain.preemption import PREEMPTED_EXIT_CODE
 from .helpers import (
     REPO,
     WANDB,
-    build_corpus,
     corpus_overrides,
     losses,
     run_train,
@@ -136,11 +135,6 @@ def test_signal_to_torchrun_agent(tmp_path, straight_run):
     resumed = losses(run_dir)
     for step, loss in straight_run.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus") / "default")
 
 
 def shard_overrides(corpus: Path) -> list[str]:

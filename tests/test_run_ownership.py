@@ -15,16 +15,11 @@ import pytest
 
 from nopetrain.checkpoint import complete_checkpoints
 
-from .helpers import REPO, build_corpus, corpus_overrides, losses, run_train, subprocess_env, train_command
+from .helpers import REPO, corpus_overrides, losses, run_train, subprocess_env, train_command
 
 pytestmark = pytest.mark.slow
 
 BATCH = ("global_batch_size=8", "micro_batch_size=4", "seq_len=64")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus") / "default")
 
 
 def start_in_session(cmd: list[str]) -> subprocess.Popen:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nopetrain.launch import slurm
-from tests.helpers import REPO, build_corpus, corpus_overrides, losses, subprocess_env
+from tests.helpers import REPO, corpus_overrides, losses, subprocess_env
 from tests.slurm_cluster import SlurmCluster, slurm_cluster, unavailable_reason
 
 # Two CPU processes, gloo, the tiny model on synthetic data in fp32; enough steps that a signal sent after step 3
@@ -208,9 +208,8 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster, uninter
 
 
 @pytest.fixture(scope="module")
-def shard_train(tmp_path_factory) -> list[str]:
+def shard_train(corpus) -> list[str]:
     """TRAIN on a real corpus through the default data config (DataLoader workers) instead of synthetic data."""
-    corpus = build_corpus(tmp_path_factory.mktemp("corpus") / "default")
     return [override for override in TRAIN if override != "data=synthetic"] + corpus_overrides(corpus)
 
 

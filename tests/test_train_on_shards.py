@@ -8,16 +8,11 @@ import shutil
 
 import pytest
 
-from .helpers import build_corpus, corpus_overrides, losses, run_train
+from .helpers import corpus_overrides, losses, run_train
 
 pytestmark = pytest.mark.slow
 
 BATCH = ("global_batch_size=8", "micro_batch_size=4")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus") / "default")
 
 
 def test_two_ranks_two_workers_resume_exactly(tmp_path, corpus):

@@ -1,0 +1,36 @@
+"""What the whole suite shares: the small real corpus, and the file order for `make test`, which runs the files on
+two pytest-xdist workers (`--dist loadfile`: a file and its module fixtures stay on one worker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import build_corpus
+
+# Files that take longest, longest first (seconds of a serial run, 2-core machine): a long file handed out last
+# would run alone at the end while the other worker idles.
+LONGEST_FIRST = (
+    "test_slurm.py",  # 310-415
+    "test_trainer.py",  # 240
+    "test_preemption.py",  # 190
+    "test_chaos.py",  # 170
+    "test_curriculum_runs.py",  # 150
+    "test_train_on_shards.py",  # 95
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small default corpus (helpers.build_corpus), built once per worker: every test that uses it only reads
+    it."""
+    return build_corpus(tmp_path_factory.mktemp("corpus") / "default")

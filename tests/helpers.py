@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nopetrain.config import TrainConfig, register_configs
+from nopetrain.parallel import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,14 @@ def subprocess_env() -> dict[str, str]:
 
 # Real W&B, offline.
 WANDB = "wandb.mode=offline"
+
+
+def set_one_rank_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables torchrun gives a world of one (on a free port), set through `monkeypatch` so that they are
+    undone after: an in-process run then makes the gloo group of one that `python train.py` makes."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
 
 def train_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:

@@ -24,11 +24,11 @@ from nopetrain.drope import drop_rope
 from nopetrain.memory import deepspeed_estimate, model_states, saved_activation_bytes
 from nopetrain.metrics import flops_per_token
 from nopetrain.model import Transformer, count_parameters, lm_loss
-from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, free_port, init_distributed
+from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, init_distributed
 from nopetrain.plan import make_plan
 from nopetrain.trainer import check_resumed_config
 
-from .helpers import REPO, composed, gpu, subprocess_env
+from .helpers import REPO, composed, gpu, set_one_rank_env, subprocess_env
 
 
 def dry_run(cwd, *overrides: str, python_options: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
@@ -199,11 +199,8 @@ def test_activation_formula_is_what_autograd_saves(bf16, shape):
 @pytest.fixture(scope="module")
 def process_group():
     """A gloo group of one in this process, as `python train.py` makes; the environment is restored after."""
-    port = free_port()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-            env.setenv(key, value)
-        env.setenv("MASTER_PORT", str(port))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        set_one_rank_env(monkeypatch)
         env = init_distributed()
         yield env
         destroy_process_group(env)

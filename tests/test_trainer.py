@@ -18,10 +18,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nopetrain.checkpoint import INCOMPLETE_PREFIX, complete_checkpoints
-from nopetrain.parallel import free_port
 from nopetrain.trainer import setup_logging, train
 
-from .helpers import REPO, WANDB, composed, losses, run_train, subprocess_env, train_command
+from .helpers import REPO, WANDB, composed, losses, run_train, set_one_rank_env, subprocess_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -204,9 +203,7 @@ def test_log_lines_are_written_around_the_progress_bar(tmp_path, monkeypatch):
 def test_a_finished_run_destroys_the_process_group_it_made(tmp_path, monkeypatch):
     # Left to the interpreter's teardown, gloo's threads aborted a rank at exit (-6, "terminate called without an
     # active exception") after a 2-rank ZeRO-3 run had saved its last checkpoint.
-    rank_env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    for key, value in rank_env.items():
-        monkeypatch.setenv(key, value)
+    set_one_rank_env(monkeypatch)
     cfg = composed(f"run.dir={tmp_path}", "precision=fp32", "data=synthetic", "curriculum=single", "steps=1")
     cfg.wandb.mode = "disabled"
     assert train(cfg)["step"] == 1

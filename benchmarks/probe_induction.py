@@ -1,9 +1,10 @@
 """Can the tiny model learn content-based look-up in the steps the drope_tiny experiment gives it? (issue 12)
 
-    python benchmarks/probe_induction.py --task copy --steps 2000 [--threads 2] [--out probe.jsonl]
+    python benchmarks/probe_induction.py --task copy --steps 2000 [--vocab 4096] [--values 0] [--threads 2] [--out F]
 
 Trains configs/model/tiny.yaml's architecture (all layers RoPE) with AdamW at the experiment's peak LR (3e-3,
-constant) on synthetic batches of the experiment's shape (16 x 128 tokens of a 4,096-token vocabulary), in a plain
+constant) on synthetic batches of the experiment's shape (16 x 128 tokens of a 4,096-token vocabulary; --vocab
+makes it smaller, --values draws retrieve's values from that many ids, as digits are), in a plain
 PyTorch loop, and every --every steps scores 64 fresh sequences:
 
 - fixed_copy: 64 random tokens, then the same 64 again. Position alone finds the source (always 64 back); the
@@ -30,13 +31,15 @@ import torch.nn.functional as F
 from nopetrain.config import ModelConfig
 from nopetrain.model import Transformer
 
-BATCH, LENGTH, VOCAB = 16, 128, 4096
+BATCH, LENGTH = 16, 128
 FIRST_TOKEN, MARKER = 100, 7  # ids below FIRST_TOKEN never occur at random; MARKER stands for "value:"/"Answer:"
 
 
-def sequences(task: str, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sequences(
+    task: str, count: int, vocab: int, gen: torch.Generator, values: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (count, LENGTH + 1), mask of the targets (count, LENGTH) whose answer is in the context)."""
-    tokens = torch.randint(FIRST_TOKEN, VOCAB, (count, LENGTH + 1), generator=gen)
+    tokens = torch.randint(FIRST_TOKEN, vocab, (count, LENGTH + 1), generator=gen)
     answer = torch.zeros(count, LENGTH + 1, dtype=torch.bool)
 
     def draw(low: int, high: int) -> int:
@@ -57,6 +60,8 @@ def sequences(task: str, count: int, gen: torch.Generator) -> tuple[torch.Tensor
             source = draw(0, LENGTH - 4)
             target = draw(source + 2, LENGTH)
             tokens[row, [source, target]] = MARKER
+            if values:
+                tokens[row, source + 1] = FIRST_TOKEN + draw(0, values)
             tokens[row, target + 1] = tokens[row, source + 1]
             answer[row, target + 1] = True
         else:
@@ -70,18 +75,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--vocab", type=int, default=4096, help="ids FIRST_TOKEN..vocab-1 occur at random")
+    parser.add_argument("--values", type=int, default=0, help="retrieve: values from this many ids (0: any)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write each score as a JSON line here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=VOCAB, no_rope_layer_interval=0))
+    model = Transformer(ModelConfig(vocab_size=args.vocab, no_rope_layer_interval=0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     train_gen, score_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    scored = sequences(args.task, 64, score_gen)
+    scored = sequences(args.task, 64, args.vocab, score_gen, args.values)
     start = time.monotonic()
     for step in range(1, args.steps + 1):
-        tokens, _ = sequences(args.task, BATCH, train_gen)
+        tokens, _ = sequences(args.task, BATCH, args.vocab, train_gen, args.values)
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,6 +99,7 @@ def main() -> None:
                 right = model(tokens[:, :-1]).argmax(-1) == tokens[:, 1:]
             row = {
                 "task": args.task,
+                "vocab": args.vocab,
                 "step": step,
                 "loss": round(loss.item(), 4),
                 "in_context_accuracy": round(right[answer].float().mean().item(), 4),

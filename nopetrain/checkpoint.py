@@ -31,7 +31,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +188,10 @@ def save(
     trainer_state: dict[str, Any],
     rank_state: dict[str, Any],
     keep: int,
+    keep_steps: Collection[int] = (),
 ) -> Path:
-    """Writes checkpoint `step` from every rank, publishes it atomically, and prunes all but the newest `keep`."""
+    """Writes checkpoint `step` from every rank, publishes it atomically, and prunes all but the newest `keep` and
+    those of `keep_steps`."""
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     staging_tag = INCOMPLETE_PREFIX + tag
@@ -214,7 +216,7 @@ def save(
         os.replace(staging, final)
         # Only checkpoints older than this one: newer ones (left by a resume=auto that skipped them as damaged) stay
         # until the run saves their step again, and the one it resumed from stays while it is the newest.
-        older = [path for path in complete_checkpoints(root) if path.name < tag]
+        older = [path for path in complete_checkpoints(root) if path.name < tag and step_of(path) not in keep_steps]
         for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         write_latest(root)
@@ -342,12 +344,16 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def load(engine: DeepSpeedEngine, path: Path, universal: bool) -> dict[str, Any] | None:
+def load(engine: DeepSpeedEngine, path: Path, universal: bool, weights_only: bool = False) -> dict[str, Any] | None:
     """Loads model and optimizer state into the engine (from the universal form when the number of processes
-    changed); returns this rank's RNG and data-stream state, None if the saving run had no such rank."""
+    changed); returns this rank's RNG and data-stream state, None if the saving run had no such rank. With
+    `weights_only` the optimizer state stays fresh, and parameters the checkpoint lacks (DroPE's QK-norm gains, which
+    the caller has checked are the only ones) keep their initial values."""
     load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
     with safe_torch_load():
-        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+        loaded, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_module_strict=not weights_only, load_module_only=weights_only
+        )
     if loaded is None:
         raise ConfigError(f"checkpoint {path}: DeepSpeed found no model states to load")
     rank_file = path / f"rank_{dist.get_rank():05d}.pt"

@@ -182,6 +182,9 @@ class CurriculumConfig:
 class CheckpointConfig:
     every: int = 100
     keep: int = 2
+    # Also saved at these steps and never pruned: the steps other runs start from (a DroPE run recalibrating this
+    # run's weights from the drop step on, `checkpoint.resume=.../step_N`).
+    keep_steps: list[int] = field(default_factory=list)
     # auto: continue from the newest complete checkpoint of run.dir if there is one; none: start fresh (refused
     # if run.dir already has checkpoints); or a path to a checkpoint directory.
     resume: str = "auto"
@@ -411,6 +414,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     check_run_dir(cfg.run.dir)
     _require(cfg.checkpoint.every > 0, f"checkpoint.every={cfg.checkpoint.every} must be positive")
     _require(cfg.checkpoint.keep > 0, f"checkpoint.keep={cfg.checkpoint.keep} must be positive")
+    outside = [step for step in cfg.checkpoint.keep_steps if not 1 <= step <= cfg.steps]
+    _require(not outside, f"checkpoint.keep_steps has {outside[:1]}, outside the run's steps 1-{cfg.steps}")
     _require(
         cfg.wandb.mode in ("online", "offline", "disabled"),
         f"wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled",

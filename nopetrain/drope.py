@@ -9,16 +9,55 @@ ZeRO's partitioning, hold them from the first step.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from nopetrain.config import QK_NORM_CHOICES, ConfigError, DropeConfig
+from nopetrain.config import QK_NORM_CHOICES, ConfigError, DropeConfig, TrainConfig
 from nopetrain.model import Transformer, qk_norm_union
 
 
 def dormant_qk_norm(drope: DropeConfig, drope_step: int | None) -> str:
     """The QK-norm gains to build at the start for a DroPE switch at `drope_step` (none when there is none)."""
     return drope.qk_norm if drope_step is not None else "none"
+
+
+def starts_drope_on_rope_checkpoint(
+    saved: TrainConfig,
+    saved_step: int,
+    saved_drope_step: int | None,
+    cfg: TrainConfig,
+    drope_step: int | None,
+    path: Path,
+) -> bool:
+    """Whether resuming from checkpoint `path` (saved with config `saved` at `saved_step`) starts this run's DroPE
+    switch on a model saved without the QK-norm gains the switch needs: a RoPE run recalibrated, the paper's recipe.
+    The checkpoint then gives only the weights (and the data and RNG state); the gains start at 1 and the optimizer
+    fresh, exactly as a run that had the DroPE curriculum from the start has them at its switch when the optimizer is
+    reset there. Raises ConfigError, naming the keys, for a resume that cannot be that."""
+    have = qk_norm_union(saved.model.qk_norm, dormant_qk_norm(saved.curriculum.drope, saved_drope_step))
+    need = qk_norm_union(cfg.model.qk_norm, dormant_qk_norm(cfg.curriculum.drope, drope_step))
+    if have == need:
+        return False
+    if qk_norm_union(have, need) != need:
+        raise ConfigError(
+            f"checkpoint {path} has QK-norm gains ({have}) that this run's model lacks "
+            f"(curriculum.drope.qk_norm={cfg.curriculum.drope.qk_norm!r}); resume it with the DroPE curriculum it had"
+        )
+    if saved_step != drope_step or not cfg.curriculum.drope.reset_optimizer:
+        raise ConfigError(
+            f"checkpoint {path} has no {need} QK-norm gains for curriculum.drope.qk_norm="
+            f"{cfg.curriculum.drope.qk_norm!r}: DroPE can start from it only at its step, with a fresh optimizer "
+            f"(curriculum.drope.at_step={saved_step} curriculum.drope.reset_optimizer=true)"
+        )
+    if 3 in (saved.deepspeed.stage, cfg.deepspeed.stage):
+        raise ConfigError(
+            f"checkpoint {path} has no {need} QK-norm gains; DroPE can start from it under ZeRO-1/2 only "
+            f"(deepspeed.stage={cfg.deepspeed.stage}, saved with {saved.deepspeed.stage}), where the weights load "
+            "whole without the optimizer state"
+        )
+    return True
 
 
 def drop_rope(model: Transformer, qk_norm: str = "none") -> list[nn.Parameter]:

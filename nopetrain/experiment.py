@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nopetrain.checkpoint import checkpoint_root, complete_checkpoints, tag_for
 from nopetrain.config import ConfigError
 from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.data_pipelines.build_default import build_default
@@ -59,6 +60,11 @@ class CorpusConfig:
 class ArmConfig:
     # train.py overrides of this arm, applied after the shared ones.
     overrides: list[str] = field(default_factory=list)
+    # Start from arm `from_arm`'s checkpoint at step `from_step` (which that arm then keeps) instead of from scratch:
+    # for an arm whose first from_step steps are that arm's (DroPE: RoPE pretraining up to the drop, same data, seed
+    # and schedule), so that they are trained once. train.py refuses the checkpoint if they are not.
+    from_arm: str | None = None
+    from_step: int | None = None
 
 
 @dataclass
@@ -94,7 +100,14 @@ def load_config(name: str, overrides: list[str]) -> ExperimentConfig:
         raise ConfigError(f"experiment {name}: arms is empty")
     if cfg.parallel < 1 or cfg.threads_per_arm < 1:
         raise ConfigError(f"parallel={cfg.parallel} and threads_per_arm={cfg.threads_per_arm} must be >= 1")
-    cfg.eval.models = {arm: str(Path(cfg.out) / "arms" / arm) for arm in cfg.arms}
+    for arm, spec in cfg.arms.items():
+        if (spec.from_arm is None) != (spec.from_step is None):
+            raise ConfigError(f"arms.{arm}: set from_arm and from_step together")
+        if spec.from_arm is not None and (spec.from_arm not in cfg.arms or spec.from_arm == arm):
+            raise ConfigError(f"arms.{arm}.from_arm={spec.from_arm!r} must name another arm of {list(cfg.arms)}")
+        if spec.from_arm is not None and cfg.arms[spec.from_arm].from_arm is not None:
+            raise ConfigError(f"arms.{arm}.from_arm={spec.from_arm!r} starts from another arm itself")
+    cfg.eval.models = {arm: str(arm_dir(cfg, arm)) for arm in cfg.arms}
     validate_eval(cfg.eval)
     return cfg
 
@@ -129,8 +142,36 @@ def build_corpus(corpus: CorpusConfig) -> None:
         )
 
 
+def arm_dir(cfg: ExperimentConfig, arm: str) -> Path:
+    return Path(cfg.out) / "arms" / arm
+
+
+def start_checkpoint(cfg: ExperimentConfig, spec: ArmConfig) -> Path | None:
+    """The checkpoint an arm with `from_arm` starts from (None for the others)."""
+    if spec.from_arm is None:
+        return None
+    return checkpoint_root(arm_dir(cfg, spec.from_arm)) / tag_for(spec.from_step)
+
+
+def arm_command(cfg: ExperimentConfig, arm: str) -> list[str]:
+    """train.py for `arm`: the shared overrides, the arm's, its run directory and, for an arm others start from, the
+    steps to keep for them; an arm starting from another starts from its checkpoint unless it has its own (a
+    resumed experiment)."""
+    spec, run_dir = cfg.arms[arm], arm_dir(cfg, arm)
+    command = [sys.executable, str(REPO / "train.py"), *cfg.train, *spec.overrides]
+    command += [f"run.dir={run_dir}", f"run.name={cfg.name}-{arm}", f"wandb.group={cfg.name}"]
+    kept = sorted({other.from_step for other in cfg.arms.values() if other.from_arm == arm})
+    if kept:
+        command.append(f"checkpoint.keep_steps=[{','.join(map(str, kept))}]")
+    start = start_checkpoint(cfg, spec)
+    if start is not None and not complete_checkpoints(checkpoint_root(run_dir)):
+        command.append(f"checkpoint.resume={start}")
+    return command
+
+
 def train_arms(cfg: ExperimentConfig) -> None:
-    """Runs train.py for every arm, `parallel` at a time; an arm that fails is named with its log after the arms
+    """Runs train.py for every arm, `parallel` at a time, an arm with `from_arm` once that arm's checkpoint exists
+    (published atomically: there whole or not at all); an arm that fails is named with its log after the arms
     already running have finished (their checkpoints are kept)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads_per_arm))
     env.setdefault("WANDB_MODE", "offline")
@@ -140,11 +181,16 @@ def train_arms(cfg: ExperimentConfig) -> None:
     running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
     failed: list[str] = []
     while pending or running:
-        while pending and len(running) < cfg.parallel:
-            arm, spec = pending.pop(0)
-            run_dir = Path(cfg.out) / "arms" / arm
-            command = [sys.executable, str(REPO / "train.py"), *cfg.train, *spec.overrides]
-            command += [f"run.dir={run_dir}", f"run.name={cfg.name}-{arm}", f"wandb.group={cfg.name}"]
+        waiting = {arm for arm, spec in pending if (start := start_checkpoint(cfg, spec)) and not start.is_dir()}
+        for arm, spec in [(arm, spec) for arm, spec in pending if arm in waiting]:
+            if spec.from_arm not in running and spec.from_arm not in dict(pending):
+                pending.remove((arm, spec))
+                failed.append(f"{arm} (arm {spec.from_arm} ended without {start_checkpoint(cfg, spec)})")
+        startable = [(arm, spec) for arm, spec in pending if arm not in waiting]
+        while startable and len(running) < cfg.parallel:
+            arm, spec = startable.pop(0)
+            pending.remove((arm, spec))
+            command = arm_command(cfg, arm)
             log_file = logs / f"{arm}.log"
             with open(log_file, "a") as handle:
                 running[arm] = (
@@ -152,7 +198,8 @@ def train_arms(cfg: ExperimentConfig) -> None:
                     log_file,
                     time.time(),
                 )
-            print(f"training arm {arm}: {' '.join(spec.overrides)} (log {log_file})", flush=True)
+            origin = f" from arm {spec.from_arm} at step {spec.from_step}" if spec.from_arm else ""
+            print(f"training arm {arm}{origin}: {' '.join(spec.overrides)} (log {log_file})", flush=True)
         time.sleep(1)
         for arm, (process, log_file, started) in list(running.items()):
             if process.poll() is None:

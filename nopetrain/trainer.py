@@ -29,7 +29,7 @@ from nopetrain import checkpoint
 from nopetrain.config import ConfigError, TrainConfig, validate
 from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.data.phased import PhasedStream
-from nopetrain.drope import dormant_qk_norm, drop_rope
+from nopetrain.drope import dormant_qk_norm, drop_rope, starts_drope_on_rope_checkpoint
 from nopetrain.eval.training import TrainingEval
 from nopetrain.hf import load_hf_state_dict, pretrained_model
 from nopetrain.kernels import set_backend as set_kernel_backend
@@ -117,6 +117,11 @@ def passed_plan(plan: Plan, step: int) -> str:
     return "; ".join(done)
 
 
+def saved_config(saved: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint was trained with (`saved`: its trainer state), on today's schema."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"]))
+
+
 def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, plan: Plan, path: Path) -> None:
     """Compares the config of a resumed run with checkpoint `path`'s (`saved`: its trainer state). Raises ConfigError
     naming the key and both values when a change would rewrite the steps already taken; logs the other changes in one
@@ -131,8 +136,7 @@ def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, plan: Plan, pa
     for key in changed:
         if changes_the_past(key):
             raise ConfigError(f"{key}={new[key]!r} but checkpoint {path} was trained with {key}={old.get(key)!r}")
-    saved_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"]))
-    before, now = passed_plan(resolve(saved_cfg, saved["world_size"]), step), passed_plan(plan, step)
+    before, now = passed_plan(resolve(saved_config(saved), saved["world_size"]), step), passed_plan(plan, step)
     if before != now:
         raise ConfigError(
             f"the config changes the curriculum's first {step} steps, which checkpoint {path} has run: "
@@ -245,8 +249,10 @@ class Trainer:
         self.accumulation = 0
         self.evaluator = TrainingEval(cfg) if cfg.eval.every else None
 
-    def resume(self, path: Path, saved: dict[str, Any]) -> None:
-        """Continues from checkpoint `path` (`saved`: its trainer state, checked by check_resumed_config)."""
+    def resume(self, path: Path, saved: dict[str, Any], weights_only: bool) -> None:
+        """Continues from checkpoint `path` (`saved`: its trainer state, checked by check_resumed_config); with
+        `weights_only` (DroPE started on a RoPE checkpoint) the optimizer starts fresh. A checkpoint of another run
+        directory starts a run of its own in W&B."""
         if self.resize:
             log.info(
                 "checkpoint %s was written by %d process(es), this run has %d: loading DeepSpeed's universal form of "
@@ -256,8 +262,9 @@ class Trainer:
                 self.env.world_size,
             )
             checkpoint.convert_to_universal(path)
-        rank_state = checkpoint.load(self.engine, path, universal=self.resize)
-        for key in ("step", "tokens_seen", "wandb_run_id", "drope_step"):
+        rank_state = checkpoint.load(self.engine, path, universal=self.resize, weights_only=weights_only)
+        branched = checkpoint.checkpoint_root(self.run_dir).resolve() != path.resolve().parent
+        for key in ("step", "tokens_seen", "drope_step", *(() if branched else ("wandb_run_id",))):
             self.state[key] = saved[key]
         if rank_state is not None:
             checkpoint.set_rng_state(rank_state["rng"])
@@ -317,7 +324,13 @@ class Trainer:
         }
         rank_state = {"rng": checkpoint.rng_state(), "data": self.stream.state_dict()}
         path = checkpoint.save(
-            self.engine, self.run_dir, self.state["step"], trainer_state, rank_state, self.cfg.checkpoint.keep
+            self.engine,
+            self.run_dir,
+            self.state["step"],
+            trainer_state,
+            rank_state,
+            self.cfg.checkpoint.keep,
+            self.cfg.checkpoint.keep_steps,
         )
         self.metrics.event(f"checkpoint saved: {path}")
         return path
@@ -438,7 +451,8 @@ class Trainer:
 
             # Waits for the vote started at the top of the step (long complete by now): no host sync of the device.
             preempted = self.watch.signalled() and not done
-            if ((state["step"] % cfg.checkpoint.every == 0 or done) and not skipped) or preempted:
+            scheduled = state["step"] % cfg.checkpoint.every == 0 or state["step"] in cfg.checkpoint.keep_steps
+            if ((scheduled or done) and not skipped) or preempted:
                 saved_to = self.save()
             if preempted:
                 stop = Preempted(state["step"], str(saved_to), self.watch.signal_name())
@@ -481,8 +495,19 @@ def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, 
     setup_logging(env.rank, run_dir)
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir, cfg.checkpoint.rewind)
     saved = checkpoint.read_trainer_state(resume_from) if resume_from is not None else None
+    weights_only = False
     if saved is not None:
         check_resumed_config(saved, cfg, plan, resume_from)
+        saved_cfg = saved_config(saved)
+        saved_drope_step = resolve(saved_cfg, saved["world_size"]).drope_step
+        weights_only = starts_drope_on_rope_checkpoint(
+            saved_cfg, saved["step"], saved_drope_step, cfg, plan.drope_step, resume_from
+        )
+        if weights_only and saved["world_size"] != env.world_size:
+            raise ConfigError(
+                f"checkpoint {resume_from} was written by {saved['world_size']} process(es): start DroPE from it "
+                f"with as many (this run has {env.world_size})"
+            )
         if env.is_main:
             set_aside_later_steps(run_dir, saved["step"], cfg.checkpoint.rewind)
         dist.barrier()
@@ -492,5 +517,5 @@ def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, 
     resize = saved is not None and saved["world_size"] != env.world_size
     trainer = Trainer(cfg, env, plan, pretrained, resize, watch)
     if resume_from is not None:
-        trainer.resume(resume_from, saved)
+        trainer.resume(resume_from, saved, weights_only)
     return trainer.run()

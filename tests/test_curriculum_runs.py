@@ -88,6 +88,32 @@ def test_switch_under_zero_with_two_processes_matches_one_process(tmp_path, stag
     assert state["drope_step"] == 2 and state["model_config"]["qk_norm"] == "qk"
 
 
+RECALIBRATION = ("steps=5", "curriculum.drope.at_step=3", "curriculum.drope.qk_norm=q", "curriculum.drope.lr=2e-3")
+
+
+def test_drope_started_on_a_rope_checkpoint_takes_the_steps_of_a_drope_run(tmp_path):
+    # The paper recalibrates a RoPE model: a RoPE run's checkpoint at the drop step lacks the QK-norm gains that a run
+    # with the DroPE curriculum builds from its first step, and once loaded the DroPE run must go on as if it had
+    # been the DroPE run all along (same weights, data position and RNG; gains at 1, optimizer reset).
+    straight = tmp_path / "straight"
+    run_train(straight, *RECALIBRATION, *BATCH, "curriculum.drope.reset_optimizer=true")
+    rope = tmp_path / "rope"
+    run_train(rope, "steps=5", *BATCH, "checkpoint.keep_steps=[3]", "checkpoint.keep=1")
+    assert sorted(p.name for p in (rope / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000005"]
+    start = rope / "checkpoints" / "step_00000003"
+    refused = run_train(tmp_path / "kept", *RECALIBRATION, *BATCH, f"checkpoint.resume={start}", check=False)
+    assert refused.returncode != 0 and "curriculum.drope.reset_optimizer=true" in refused.stderr.splitlines()[-1]
+    branched = tmp_path / "drope"
+    run_train(branched, *RECALIBRATION, *BATCH, "curriculum.drope.reset_optimizer=true", f"checkpoint.resume={start}")
+    before, after = losses(straight), losses(branched)
+    assert sorted(after) == [4, 5]
+    for step in (4, 5):
+        assert after[step] == pytest.approx(before[step], rel=1e-6), f"step {step}"
+    state = trainer_state(branched, 5)
+    assert state["drope_step"] == 3 and state["model_config"]["qk_norm"] == "q"
+    assert state["wandb_run_id"] != trainer_state(rope, 5)["wandb_run_id"]
+
+
 def norm_gain(run_dir, step):
     states = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
     return states["module"]["layers.0.mlp_norm.weight"]

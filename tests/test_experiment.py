@@ -27,7 +27,7 @@ from nopetrain.eval import niah
 from nopetrain.eval.config import NIAH_TASKS
 from nopetrain.experiment import CorpusConfig, build_corpus, load_config
 
-from .helpers import REPO, subprocess_env
+from .helpers import REPO, losses, subprocess_env
 
 SEQ_LEN = 256
 
@@ -143,6 +143,8 @@ def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
             plan = resolve(cfg, world_size=1)
             final[arm] = learning_rate(plan, cfg, plan.total_steps)  # where each schedule ends
             if arm == "drope":
+                # It trains only its recalibration, from the RoPE arm's checkpoint at the drop.
+                assert (spec.from_arm, spec.from_step) == ("rope", plan.drope_step)
                 recalibration = plan.total_steps - plan.drope_step
                 assert recalibration == pytest.approx(0.125 * plan.total_steps, abs=1)
                 assert cfg.curriculum.drope.lr / cfg.optim.lr == pytest.approx(1e-3 / 3e-4, rel=0.02)
@@ -181,6 +183,10 @@ def test_experiment_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config("no_such_experiment", [])
     with pytest.raises(ConfigError, match=r"niah\.trials"):
         load_config("drope_tiny", ["eval.niah.trials=0"])
+    with pytest.raises(ConfigError, match=r"arms\.drope\.from_arm='rop' must name another arm"):
+        load_config("drope_tiny", ["arms.drope.from_arm=rop"])
+    with pytest.raises(ConfigError, match=r"arms\.drope: set from_arm and from_step together"):
+        load_config("drope_tiny", ["arms.drope.from_step=null"])
 
 
 @pytest.mark.slow
@@ -196,13 +202,16 @@ train:
   - data=default_lookup
   - model.vocab_size=1024
   - seq_len={SEQ_LEN}
-  - steps=6
+  - steps=8
   - precision=fp32
   - log_every=3
   - data.root=${{corpus.path}}
 arms:
   rope: {{overrides: [model.no_rope_layer_interval=0]}}
-  drope: {{overrides: [model.no_rope_layer_interval=0, curriculum=drope]}}
+  drope:
+    overrides: [model.no_rope_layer_interval=0, curriculum=drope]
+    from_arm: rope
+    from_step: 7
 eval:
   heldout: ["${{corpus.path}}/heldout/web", "${{corpus.path}}/heldout/code"]
   factors: [1, 2]
@@ -224,13 +233,12 @@ eval:
         state = json.loads(
             sorted((out / "arms" / arm / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text()
         )
-        assert state["step"] == 6
-    assert (
-        json.loads(
-            (sorted((out / "arms" / "drope" / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text()
-        )["drope_step"]
-        is not None
-    )
+        assert state["step"] == 8
+    assert state["drope_step"] == 7
+    # The DroPE arm trained only its recalibration, from the checkpoint the RoPE arm kept at the drop for it.
+    assert sorted(losses(out / "arms" / "rope")) == [3, 6, 8] and sorted(losses(out / "arms" / "drope")) == [8]
+    assert (out / "arms" / "rope" / "checkpoints" / "step_00000007").is_dir()
+    assert "training arm drope from arm rope at step 7" in proc.stdout
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     methods = {(row["model"], row["method"]) for row in rows}

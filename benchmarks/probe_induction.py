@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nopetrain.config import ModelConfig
 from nopetrain.model import Transformer
@@ -69,6 +70,40 @@ def sequences(
     return tokens, answer[:, 1:]
 
 
+class ReferenceBlock(nn.Module):
+    """A GPT-2 block (LayerNorm, biased projections, GELU MLP), written apart from nopetrain.model."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.qkv, self.out = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, seq, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, seq, dim)
+        x = x + self.out(attended)
+        return x + self.mlp(x)
+
+
+class ReferenceGPT(nn.Module):
+    """The control for a bug in nopetrain.model: 2 GPT-2 blocks of width 128, 4 heads, learned absolute positions,
+    untied head, PyTorch's default initialisation."""
+
+    def __init__(self, vocab: int, dim: int = 128, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embed, self.positions = nn.Embedding(vocab, dim), nn.Embedding(LENGTH, dim)
+        self.blocks = nn.ModuleList(ReferenceBlock(dim, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.positions(torch.arange(tokens.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="copy", choices=["fixed_copy", "copy", "retrieve"])
@@ -77,12 +112,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab", type=int, default=4096, help="ids FIRST_TOKEN..vocab-1 occur at random")
     parser.add_argument("--values", type=int, default=0, help="retrieve: values from this many ids (0: any)")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "reference"], help="reference: ReferenceGPT")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write each score as a JSON line here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=args.vocab, no_rope_layer_interval=0))
+    if args.model == "reference":
+        model = ReferenceGPT(args.vocab)
+    else:
+        model = Transformer(ModelConfig(vocab_size=args.vocab, no_rope_layer_interval=0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     train_gen, score_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     scored = sequences(args.task, 64, args.vocab, score_gen, args.values)
@@ -100,6 +139,7 @@ def main() -> None:
             row = {
                 "task": args.task,
                 "vocab": args.vocab,
+                "model": args.model,
                 "step": step,
                 "loss": round(loss.item(), 4),
                 "in_context_accuracy": round(right[answer].float().mean().item(), 4),

@@ -28,8 +28,11 @@ def staged_directory(final: Path) -> Iterator[Path]:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Writes a file under a temporary name and renames it, so readers never see half of it."""
+def write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Writes a file under a temporary name (with `mode`, if given) and renames it, so readers never see half of
+    it."""
     partial = path.with_name(f".{path.name}.partial")
     partial.write_bytes(data)
+    if mode is not None:
+        partial.chmod(mode)
     os.replace(partial, path)

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.preemption import PREEMPTED_BY_FILE, PREEMPTED_EXIT_CODE
 from nopetrain.slurm import PORT_BASE, PORT_SPAN
 
@@ -260,14 +261,6 @@ exit "$rc"
 """
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(path)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m nopetrain.launch.slurm",
@@ -369,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         output = args.output or log_dir / f"{job.job_name}.sbatch"
         # Newlines in an argument would end the comment line that records the command.
         command_line = shlex.join(["python", "-m", "nopetrain.launch.slurm", *argv]).replace("\n", " ")
-        write_atomic(output, render(job, command_line))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(output, render(job, command_line).encode(), mode=0o755)
         # SLURM does not create the directory of --output; a job whose log cannot be opened fails silently.
         log_dir.mkdir(parents=True, exist_ok=True)
         print(f"wrote {output}")

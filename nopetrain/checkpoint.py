@@ -44,6 +44,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from nopetrain.config import ConfigError
+from nopetrain.data_pipelines.atomic import write_bytes
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 INCOMPLETE_PREFIX = ".incomplete-"
@@ -174,13 +175,6 @@ def find_damage(path: Path) -> str | None:
     return None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers see the old text or the new, never part of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save(
     engine: DeepSpeedEngine,
     run_dir: str | Path,
@@ -228,7 +222,7 @@ def write_latest(root: Path) -> None:
     """Points `latest` at the newest complete checkpoint under root (removes it when there is none)."""
     found = complete_checkpoints(root)
     if found:
-        write_text_atomic(root / "latest", found[-1].name)
+        write_bytes(root / "latest", found[-1].name.encode())
     else:
         (root / "latest").unlink(missing_ok=True)
 

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from nopetrain.config import ModelConfig, TrainConfig
+from nopetrain.data_pipelines.atomic import write_bytes
 
 log = logging.getLogger("nopetrain")
 
@@ -183,9 +184,7 @@ def set_aside_rows(run_dir: Path, step: int, folder: Path) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         # The copy first: a crash between the two writes duplicates rows, never loses them.
         (folder / METRICS_FILE).write_text("".join(later))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_bytes(path, "".join(kept).encode())
     return len(later)
 
 

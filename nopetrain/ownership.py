@@ -68,22 +68,6 @@ class HolderLock:
         os.close(self._fd)
 
 
-class RunDirLock:
-    """Exclusive ownership of `run_dir`: a HolderLock on run_dir/run.lock."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self._lock = HolderLock(run_dir / LOCK_FILE)
-        holder = self._lock.try_acquire()
-        if holder is not None:
-            self._lock.release()
-            raise RunDirInUse(
-                f"run directory {run_dir} is in use by {holder}; stop that run first or choose another run.dir"
-            )
-
-    def release(self) -> None:
-        self._lock.release()
-
-
 @contextlib.contextmanager
 def own_run_dir(run_dir: Path, rank: int) -> Iterator[None]:
     """Holds `run_dir` for the duration; raises RunDirInUse on every rank if another process holds it.
@@ -94,10 +78,12 @@ def own_run_dir(run_dir: Path, rank: int) -> Iterator[None]:
     collective."""
     lock, refusal = None, [None]
     if rank == 0:
-        try:
-            lock = RunDirLock(run_dir)
-        except RunDirInUse as err:
-            refusal = [str(err)]
+        lock = HolderLock(run_dir / LOCK_FILE)
+        holder = lock.try_acquire()
+        if holder is not None:
+            lock.release()
+            lock = None
+            refusal = [f"run directory {run_dir} is in use by {holder}; stop that run first or choose another run.dir"]
     dist.broadcast_object_list(refusal, src=0)
     if refusal[0] is not None:
         raise RunDirInUse(refusal[0])

@@ -29,6 +29,7 @@ from nopetrain import checkpoint
 from nopetrain.config import ConfigError, TrainConfig, validate
 from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.data.phased import PhasedStream
+from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.drope import dormant_qk_norm, drop_rope, starts_drope_on_rope_checkpoint
 from nopetrain.eval.training import TrainingEval
 from nopetrain.hf import load_hf_state_dict, pretrained_model
@@ -457,7 +458,7 @@ class Trainer:
             if preempted:
                 stop = Preempted(state["step"], str(saved_to), self.watch.signal_name())
                 if self.env.is_main:
-                    checkpoint.write_text_atomic(Path(cfg.run.dir) / PREEMPTED_BY_FILE, f"{stop.signal_name}\n")
+                    write_bytes(Path(cfg.run.dir) / PREEMPTED_BY_FILE, f"{stop.signal_name}\n".encode())
                 log.info("%s; exiting for requeue", stop)
                 raise stop
 

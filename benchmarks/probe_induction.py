@@ -1,11 +1,11 @@
 """Can the tiny model learn content-based look-up in the steps the drope_tiny experiment gives it? (issue 12)
 
-    python benchmarks/probe_induction.py --task copy --steps 2000 [--vocab 4096] [--values 0] [--threads 2] [--out F]
+    python benchmarks/probe_induction.py --task copy --steps 2000 [--vocab 4096] [--values 0] [--batch 16] [--out F]
 
 Trains configs/model/tiny.yaml's architecture (all layers RoPE) with AdamW at the experiment's peak LR (3e-3,
-constant) on synthetic batches of the experiment's shape (16 x 128 tokens of a 4,096-token vocabulary; --vocab
-makes it smaller, --values draws retrieve's values from that many ids, as digits are), in a plain
-PyTorch loop, and every --every steps scores 64 fresh sequences:
+constant) on synthetic batches of the experiment's shape (16 x 128 tokens of a 4,096-token vocabulary; --batch
+changes the 16, --vocab makes the vocabulary smaller, --values draws retrieve's values from that many ids, as digits
+are), in a plain PyTorch loop, and every --every steps scores 64 fresh sequences:
 
 - fixed_copy: 64 random tokens, then the same 64 again. Position alone finds the source (always 64 back); the
   control that copying itself is learnable.
@@ -32,7 +32,7 @@ from torch import nn
 from nopetrain.config import ModelConfig
 from nopetrain.model import Transformer
 
-BATCH, LENGTH = 16, 128
+LENGTH = 128
 FIRST_TOKEN, MARKER = 100, 7  # ids below FIRST_TOKEN never occur at random; MARKER stands for "value:"/"Answer:"
 
 
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step (the experiment's: 16)")
     parser.add_argument("--vocab", type=int, default=4096, help="ids FIRST_TOKEN..vocab-1 occur at random")
     parser.add_argument("--values", type=int, default=0, help="retrieve: values from this many ids (0: any)")
     parser.add_argument("--model", default="tiny", choices=["tiny", "reference"], help="reference: ReferenceGPT")
@@ -127,7 +128,7 @@ def main() -> None:
     scored = sequences(args.task, 64, args.vocab, score_gen, args.values)
     start = time.monotonic()
     for step in range(1, args.steps + 1):
-        tokens, _ = sequences(args.task, BATCH, args.vocab, train_gen, args.values)
+        tokens, _ = sequences(args.task, args.batch, args.vocab, train_gen, args.values)
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,6 +141,7 @@ def main() -> None:
                 "task": args.task,
                 "vocab": args.vocab,
                 "model": args.model,
+                "batch": args.batch,
                 "step": step,
                 "loss": round(loss.item(), 4),
                 "in_context_accuracy": round(right[answer].float().mean().item(), 4),

@@ -67,6 +67,7 @@ def test_generated_file_has_the_directives_and_quotes_the_overrides(capsys, tmp_
         capsys, tmp_path, "gen", *options, "--", "model=smollm_360m", "wandb.tags=[a b]", "run.name=$HOME"
     )
     assert code == 0, err
+    assert os.access(tmp_path / "gen.sbatch", os.X_OK)  # runnable by hand (bash is not needed in front of it)
     text = (tmp_path / "gen.sbatch").read_text()
     for directive in ("--job-name=gen", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu",
                       "--cpus-per-task=32", "--time=1-00:00:00", "--requeue", "--signal=B:USR1@300",

@@ -46,22 +46,21 @@ def print_plan(cfg: TrainConfig) -> None:
 
         print(format_plan(make_plan(cfg)))
     except ConfigError as err:
-        fail(err, 2)
+        fail(err, err.exit_code)
 
 
 def run(cfg: TrainConfig) -> None:
-    from nopetrain.data.streaming import DataError
-    from nopetrain.ownership import RunDirInUse
-    from nopetrain.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from nopetrain.trainer import NonFiniteLossError, train
+    from nopetrain.exits import ExitError
+    from nopetrain.preemption import Preempted
+    from nopetrain.trainer import train
 
     try:
         train(cfg)
-    except (ConfigError, DataError, RunDirInUse, NonFiniteLossError) as err:
-        fail(err, 3 if isinstance(err, NonFiniteLossError) else 2)
-    except Preempted:
+    except Preempted as stop:
         # Checkpointed and logged by the trainer; the job script requeues on this code.
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(stop.exit_code)
+    except ExitError as err:
+        fail(err, err.exit_code)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nopetrain.data_pipelines.atomic import write_bytes
-from nopetrain.preemption import PREEMPTED_BY_FILE, PREEMPTED_EXIT_CODE
+from nopetrain.exits import PREEMPTED
+from nopetrain.preemption import PREEMPTED_BY_FILE
 from nopetrain.slurm import PORT_BASE, PORT_SPAN
 
 MODES = ("torchrun", "task-per-gpu")
@@ -191,7 +192,7 @@ def render(job: SlurmJob, command_line: str) -> str:
         env="".join(f"{line}\n" for line in env),
         run_dir=shlex.quote(job.run_dir),
         step=step,
-        requeue_code=PREEMPTED_EXIT_CODE,
+        requeue_code=PREEMPTED,
         preempted_by=PREEMPTED_BY_FILE,
         port_base=PORT_BASE,
         port_span=PORT_SPAN,

@@ -18,8 +18,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from nopetrain.exits import REFUSED, ExitError
 
-class ConfigError(ValueError):
+
+class ConfigError(ExitError, ValueError):
     """A config value that cannot work; the message names the key."""
 
 
@@ -348,7 +350,7 @@ class RunDirCheck(Callback):
             check_run_dir(config.run.dir)
         except ConfigError as err:
             print(f"nopetrain: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(REFUSED)
 
 
 def planned_world_size(cfg: TrainConfig) -> int:

@@ -1,4 +1,5 @@
-"""One incarnation of a run at a time: a run directory has one owner, and a rank whose torchrun agent died stops.
+"""One incarnation of a run at a time: a run directory has one owner, a rank whose torchrun agent died stops, and
+the ranks of an incarnation learn which of them stopped it (`FailureRecord`).
 
 Two incarnations writing one run directory corrupt it quietly: both publish checkpoints, and the next `resume=auto`
 continues from whichever is newest. That happens when a job is started again while the previous one still runs,
@@ -12,21 +13,27 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import signal
 import socket
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed as dist
+
+from nopetrain.data_pipelines.atomic import write_bytes
+from nopetrain.exits import ExitError, exit_code_of, one_line
 
 LOCK_FILE = "run.lock"
 # prctl(2): the signal this process gets when the thread that forked it exits.
 PR_SET_PDEATHSIG = 1
 
 
-class RunDirInUse(RuntimeError):
+class RunDirInUse(ExitError, RuntimeError):
     """Another live process owns the run directory."""
 
 
@@ -69,26 +76,28 @@ class HolderLock:
 
 
 @contextlib.contextmanager
-def own_run_dir(run_dir: Path, rank: int) -> Iterator[None]:
-    """Holds `run_dir` for the duration; raises RunDirInUse on every rank if another process holds it.
+def own_run_dir(run_dir: Path, rank: int) -> Iterator[str]:
+    """Holds `run_dir` for the duration and yields the id of this incarnation, the same on every rank; raises
+    RunDirInUse on every rank if another process holds it.
 
     Only global rank 0 takes the lock: every incarnation has one, so that suffices to exclude another one, while a
     lock per node would have the nodes of one job refuse each other on a shared file system. Rank 0 sends the outcome
     to the other ranks, so that all of a refused incarnation stop with the same line instead of waiting for it in a
     collective."""
-    lock, refusal = None, [None]
+    lock, outcome = None, [None, uuid.uuid4().hex]
     if rank == 0:
         lock = HolderLock(run_dir / LOCK_FILE)
         holder = lock.try_acquire()
         if holder is not None:
             lock.release()
             lock = None
-            refusal = [f"run directory {run_dir} is in use by {holder}; stop that run first or choose another run.dir"]
-    dist.broadcast_object_list(refusal, src=0)
-    if refusal[0] is not None:
-        raise RunDirInUse(refusal[0])
+            outcome[0] = f"run directory {run_dir} is in use by {holder}; stop that run first or choose another run.dir"
+    dist.broadcast_object_list(outcome, src=0)
+    refusal, incarnation = outcome
+    if refusal is not None:
+        raise RunDirInUse(refusal)
     try:
-        yield
+        yield incarnation
     finally:
         if lock is not None:
             lock.release()
@@ -109,3 +118,53 @@ def die_with_torchrun_agent() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != agent:  # the agent died before prctl: this rank has been re-parented already
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PeerFailed(ExitError):
+    """Another rank stopped the run; this rank, left waiting for it, ends with that rank's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class FailureRecord:
+    """Why each rank of one incarnation of a run stopped, in `run_dir/logs/failure_rank_N.json`.
+
+    A rank that fails writes its record before its process exits; its exit closes its connections, which ends the
+    collective its peers wait in with a gloo error (destroying the group does not: the engine holds it), and a peer
+    whose own error is such an error (not nopetrain's) reads who failed here, in the run directory every rank sees.
+    The process group's store cannot carry it: rank 0 hosts that store, and takes it away when it is the one that
+    exits. `incarnation` (from `own_run_dir`) tells this run's records from an earlier one's."""
+
+    def __init__(self, run_dir: Path, incarnation: str, rank: int, world_size: int) -> None:
+        self.folder, self.incarnation, self.rank, self.world_size = run_dir / "logs", incarnation, rank, world_size
+
+    def stop_with(self, err: BaseException) -> BaseException:
+        """What this rank stops with: `err`, recorded for the others, or, when `err` is not an error of nopetrain's
+        own and another rank recorded a failure first, PeerFailed naming that rank."""
+        if self.world_size == 1:
+            return err
+        first = None if isinstance(err, ExitError) else self._first_failure()
+        if first is not None:
+            return PeerFailed(f"rank {first['rank']} failed: {first['message']}", first["exit_code"])
+        record = {
+            "incarnation": self.incarnation,
+            "rank": self.rank,
+            "exit_code": exit_code_of(err),
+            "message": one_line(err) or type(err).__name__,
+            "time": time.time(),
+        }
+        write_bytes(self.folder / f"failure_rank_{self.rank}.json", (json.dumps(record) + "\n").encode())
+        return err
+
+    def _first_failure(self) -> dict | None:
+        records = []
+        for path in self.folder.glob("failure_rank_*.json"):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if record.get("incarnation") == self.incarnation and record.get("rank") != self.rank:
+                records.append(record)
+        return min(records, key=lambda record: record["time"], default=None)

@@ -161,12 +161,13 @@ def init_distributed() -> DistEnv:
 
 
 def destroy_process_group(env: DistEnv) -> None:
-    """Destroys the group init_distributed made, while the interpreter is whole: gloo's worker threads left to its
-    teardown abort the process now and then ("terminate called without an active exception", exit -6, seen on
-    rank 1 of a 2-rank ZeRO-3 run; pytorch#190489). DeepSpeed's own call, so that it also forgets the groups it
-    derived from this one and a later run in the process (a local Hydra sweep) starts afresh. Call it only on a
-    way out every rank takes together: the destructor joins those threads, so work a failed peer never finishes
-    would hang it."""
+    """Destroys the group init_distributed made, while the interpreter is whole, on every way out of a run: gloo's
+    worker threads left to its teardown abort the process now and then ("terminate called without an active
+    exception", exit -6, seen on rank 1 of a 2-rank ZeRO-3 run and on refused starts; pytorch#190489). DeepSpeed's
+    own call, so that it also forgets the groups it derived from this one and a later run in the process (a local
+    Hydra sweep) starts afresh. It does not close the group's connections while the engine still holds the group:
+    a rank that failed alone closes them by exiting, which ends the collective its peers wait in (see
+    `exits.FailureRecord`)."""
     if env.owns_group and dist.is_initialized():
         deepspeed.comm.destroy_process_group()
 

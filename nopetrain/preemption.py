@@ -1,5 +1,5 @@
 """Preemption: the scheduler sends a signal some time before it kills the job; the trainer finishes the current
-optimizer step, writes a checkpoint and exits with PREEMPTED_EXIT_CODE, and the job script requeues the job.
+optimizer step, writes a checkpoint and exits with exit code 75, and the job script requeues the job.
 
 The signal handler only records the signal (async-signal-safe). Ranks agree on it without a device sync: each step
 starts an async all-reduce (MAX) of a CPU int tensor on a side gloo group and waits for it after the optimizer step,
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# EX_TEMPFAIL (sysexits.h): "try again later", the job script's cue to requeue.
-PREEMPTED_EXIT_CODE = 75
+from nopetrain.exits import PREEMPTED, ExitError
+
 # SLURM's `--signal=USR1@<seconds>` (sbatch) and SIGTERM (scancel, preemption, torchrun's agent); SIGUSR2 is what
 # submitit (hydra/launcher=slurm) asks SLURM for.
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
@@ -28,8 +28,10 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 PREEMPTED_BY_FILE = "preempted_by"
 
 
-class Preempted(Exception):
-    """The run checkpointed at `step` after a preemption signal and should exit with PREEMPTED_EXIT_CODE."""
+class Preempted(ExitError):
+    """The run checkpointed at `step` after a preemption signal and exits with code 75 (the job script requeues)."""
+
+    exit_code = PREEMPTED
 
     def __init__(self, step: int, checkpoint: str, signal_name: str) -> None:
         super().__init__(f"preempted by {signal_name}: checkpoint of step {step} saved to {checkpoint}")
@@ -108,12 +110,14 @@ class PreemptionWatch:
         if callable(previous):
             previous(self.received, None)
 
-    def uninstall(self, preempted: bool = False) -> None:
-        """Restores the previous handlers or, `preempted`, ignores the preemption signals until the process exits:
-        the checkpoint is written, and a later signal must not turn exit 75 into death by signal (srun ends a
-        step's other tasks with SIGTERM once one exits non-zero)."""
+    def uninstall(self, stopping: bool = False) -> None:
+        """Restores the previous handlers or, `stopping` (preempted, or failed), ignores the preemption signals until
+        the process exits: a later signal must not turn exit 75 or 2 into death by signal (srun ends a step's other
+        tasks with SIGTERM once one exits non-zero, and torchrun's agent its other ranks)."""
         if self._pending is not None:
-            self._pending.wait()
+            # Left by a way out through an error: the vote no longer counts, and a peer that failed broke it.
+            with contextlib.suppress(RuntimeError):
+                self._pending.wait()
             self._pending = None
         for sig, handler in self.previous.items():
-            signal.signal(sig, signal.SIG_IGN if preempted else handler)
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)

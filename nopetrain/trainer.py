@@ -32,12 +32,19 @@ from nopetrain.data.phased import PhasedStream
 from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.drope import dormant_qk_norm, drop_rope, starts_drope_on_rope_checkpoint
 from nopetrain.eval.training import TrainingEval
+from nopetrain.exits import NONFINITE, ExitError
 from nopetrain.hf import load_hf_state_dict, pretrained_model
 from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops, set_aside_rows
 from nopetrain.model import count_parameters, lm_loss
-from nopetrain.ownership import die_with_torchrun_agent, own_run_dir
-from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, init_distributed, use_bf16
+from nopetrain.ownership import FailureRecord, die_with_torchrun_agent, own_run_dir
+from nopetrain.parallel import (
+    DistEnv,
+    build_engine,
+    destroy_process_group,
+    init_distributed,
+    use_bf16,
+)
 from nopetrain.preemption import PREEMPTED_BY_FILE, Preempted, PreemptionWatch
 
 log = logging.getLogger("nopetrain")
@@ -46,8 +53,10 @@ log = logging.getLogger("nopetrain")
 RUNTIME_MODEL_KEYS = {"attn_logit_scale", "logit_scale_coef", "train_context"}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ExitError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+    exit_code = NONFINITE
 
 
 class ConsoleHandler(logging.Handler):
@@ -466,24 +475,32 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs (or resumes) training as configured; returns the final trainer state. Raises Preempted after
     checkpointing when a preemption signal arrived (see nopetrain/preemption.py), RunDirInUse when another process
-    owns run.dir (see nopetrain/ownership.py)."""
+    owns run.dir (see nopetrain/ownership.py), PeerFailed when another rank stopped the run (see
+    ownership.FailureRecord). Every way out destroys the process group (see parallel.destroy_process_group)."""
     die_with_torchrun_agent()
     # First, so that a signal during start-up is not lost.
     watch = PreemptionWatch()
-    preempted = ended_together = False
+    env: DistEnv | None = None
+    record: FailureRecord | None = None
+    finished = False
     try:
         env = init_distributed()
-        with own_run_dir(Path(cfg.run.dir), env.rank):
+        with own_run_dir(Path(cfg.run.dir), env.rank) as incarnation:
+            record = FailureRecord(Path(cfg.run.dir), incarnation, env.rank, env.world_size)
             state = _train(cfg, env, watch)
-        ended_together = True
+        finished = True
         return state
     except Preempted:
-        preempted = ended_together = True
         watch.hand_over()
         raise
+    except BaseException as err:
+        stop = err if record is None else record.stop_with(err)
+        if stop is not err:
+            raise stop from err
+        raise
     finally:
-        watch.uninstall(preempted)
-        if ended_together:
+        watch.uninstall(stopping=not finished)
+        if env is not None:
             destroy_process_group(env)
 
 

@@ -15,6 +15,7 @@ LONGEST_FIRST = (
     "test_slurm.py",  # 310-415
     "test_trainer.py",  # 240
     "test_preemption.py",  # 190
+    "test_exit_codes.py",  # 190
     "test_chaos.py",  # 170
     "test_curriculum_runs.py",  # 150
     "test_train_on_shards.py",  # 95

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from nopetrain.checkpoint import complete_checkpoints
-from nopetrain.preemption import PREEMPTED_EXIT_CODE
+from nopetrain.exits import PREEMPTED
 
 from .helpers import (
     REPO,
@@ -99,7 +99,7 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, straight_run)
     sig = signal.SIGTERM
     cmd = train_command(run_dir, STEPS, NO_PERIODIC, WANDB, *BATCH)
     proc = signal_after_steps(cmd, run_dir, sig, after=3, repeat=True)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    assert proc.returncode == PREEMPTED, proc.stderr[-3000:]
     saved = complete_checkpoints(run_dir / "checkpoints")
     assert len(saved) == 1
     step = int(saved[0].name.split("_")[1])
@@ -167,7 +167,7 @@ def test_signal_to_every_process_spares_loader_workers_and_wandb(tmp_path, corpu
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, *shard_overrides(corpus))
     proc = signal_after_steps(cmd, run_dir, sig, after=3, repeat=False, to=to)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    assert proc.returncode == PREEMPTED, proc.stderr[-3000:]
     [saved] = complete_checkpoints(run_dir / "checkpoints")
     assert f"preempted by {sig.name}: checkpoint of step" in proc.stderr
 

@@ -282,6 +282,21 @@ def test_bad_shard_is_skipped_counted_and_logged_once(tmp_path: Path, open_strea
     assert len(warnings) == 1 and "a-000001.tar" in warnings[0] and "\n" not in warnings[0]
 
 
+def test_manifest_that_miscounts_a_shards_tokens_is_refused(tmp_path: Path, open_stream) -> None:
+    write_source(tmp_path, "a", shards=2)
+    manifest_path = tmp_path / "a" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    held = manifest["shards"][1]["tokens"]
+    manifest["shards"][1]["tokens"] = held + SEQ_LEN + 1  # one sample more than the shard holds
+    manifest_path.write_text(json.dumps(manifest))
+    stream = open_stream(config({"a": str(tmp_path / "a")}, workers=1))
+    with pytest.raises(DataError) as raised:
+        draw(stream, 8)
+    message = str(raised.value)
+    assert "data.sources.a" in message and "a-000001.tar" in message and "\n" not in message
+    assert f"it holds {held} tokens, the manifest says {held + SEQ_LEN + 1}" in message
+
+
 def test_manifestless_shard_cut_at_a_member_boundary(tmp_path: Path, open_stream) -> None:
     write_source(tmp_path, "a", shards=2, manifest=False)
     shard = tmp_path / "a" / "a-000001.tar"

@@ -52,6 +52,8 @@ from webdataset.gopen import gopen
 
 from nopetrain.config import ConfigError, TrainConfig
 from nopetrain.data import Batch, batch_from_chunks
+from nopetrain.data_pipelines.errors import DataError
+from nopetrain.exits import one_line
 from nopetrain.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 log = logging.getLogger("nopetrain")
@@ -69,16 +71,8 @@ _MEMBER = re.compile(r"((?:.*/|)[^.]+)[.]([^/]*)")
 _SHARD_ORDER, _SAMPLE_ORDER, _MIXTURE = 1, 2, 3
 
 
-class DataError(ValueError):
-    """A shard or sample that cannot be used; the one-line message names the source, the shard URL and the key."""
-
-
 class _ShardError(Exception):
     """Raised while reading a shard; the worker turns it into a _BadShard marker."""
-
-
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
 
 
 def _rng(seed: int, purpose: int, *parts: int | str) -> np.random.Generator:
@@ -110,6 +104,7 @@ class _Source:
     seq_len: int
     dtype: str
     samples: tuple[int, ...] | None = None
+    tokens: tuple[int, ...] | None = None
     sha256: tuple[str, ...] | None = None
     # The manifest's tokenizer record (kind, path, sha256, vocab_size, eos_id); None without a manifest.
     tokenizer: dict[str, Any] | None = None
@@ -139,7 +134,7 @@ def _from_manifest(name: str, path: str, key: str, vocab_size: int) -> _Source:
             "or give a pattern of .tar shards"
         ) from None
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{key}: cannot read {url}: {_one_line(error)}") from None
+        raise ConfigError(f"{key}: cannot read {url}: {one_line(error)}") from None
     try:
         shards = manifest["shards"]
         source = _Source(
@@ -148,12 +143,13 @@ def _from_manifest(name: str, path: str, key: str, vocab_size: int) -> _Source:
             seq_len=int(manifest["seq_len"]),
             dtype=manifest["dtype"],
             samples=tuple(int(shard["samples"]) for shard in shards),
+            tokens=tuple(int(shard["tokens"]) for shard in shards),
             sha256=tuple(shard["sha256"] for shard in shards),
             tokenizer=_tokenizer_record(manifest["tokenizer"], path),
         )
         tokenizer_vocab = int(manifest["tokenizer"]["vocab_size"])
     except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"{key}: {url} lacks {_one_line(error)}; is it a {FORMAT} manifest?") from None
+        raise ConfigError(f"{key}: {url} lacks {one_line(error)}; is it a {FORMAT} manifest?") from None
     if manifest.get("format") != FORMAT or source.dtype not in DTYPES:
         raise ConfigError(f"{key}: {url} is not a {FORMAT} manifest with dtype in {DTYPES}")
     if not sum(source.samples):
@@ -208,7 +204,7 @@ def _fetch(url: str) -> bytes:
         with gopen(url, "rb") as stream:
             return stream.read()
     except (OSError, ValueError) as error:
-        raise _ShardError(f"cannot read it: {_one_line(error)}") from None
+        raise _ShardError(f"cannot read it: {one_line(error)}") from None
 
 
 def _tar_samples(data: bytes) -> dict[str, dict[str, memoryview]]:
@@ -224,7 +220,7 @@ def _tar_samples(data: bytes) -> dict[str, dict[str, memoryview]]:
                     samples.setdefault(match[1], {})[match[2]] = view[start : start + member.size]
             end = tar.offset
     except tarfile.TarError as error:
-        raise _ShardError(f"not a readable tar ({_one_line(error)})") from None
+        raise _ShardError(f"not a readable tar ({one_line(error)})") from None
     # tarfile stops quietly at a bad header or at the end of the data; a whole archive ends with a zero block.
     if data[end : end + _TAR_BLOCK] != bytes(_TAR_BLOCK):
         after = f" after sample {next(reversed(samples))}" if samples else ""
@@ -238,7 +234,7 @@ def _npy(members: dict[str, memoryview], key: str, extension: str) -> np.ndarray
     try:
         return np.load(io.BytesIO(members[extension]), allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise _ShardError(f"sample {key}: {extension} is not a .npy array ({_one_line(error)})") from None
+        raise _ShardError(f"sample {key}: {extension} is not a .npy array ({one_line(error)})") from None
 
 
 def _read_shard(source: _Source, shard: int, vocab_size: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -261,6 +257,9 @@ def _read_shard(source: _Source, shard: int, vocab_size: int) -> list[tuple[str,
         raise _ShardError("it holds no samples")
     if source.samples is not None and len(samples) != source.samples[shard]:
         raise _ShardError(f"it holds {len(samples)} samples, the manifest says {source.samples[shard]}")
+    held = sum(len(tokens) for _, tokens, _ in samples)
+    if source.tokens is not None and held != source.tokens[shard]:
+        raise _ShardError(f"it holds {held} tokens, the manifest says {source.tokens[shard]}")
     if source.sha256 is not None and hashlib.sha256(data).hexdigest() != source.sha256[shard]:
         raise _ShardError("its sha256 differs from the manifest's")
     return samples
@@ -622,19 +621,20 @@ class ShardMixtureStream:
             reader.close()
 
 
-def read_documents(path: str, vocab_size: int) -> tuple[list[np.ndarray], dict[str, Any]]:
+def read_documents(path: str, vocab_size: int, key: str | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The documents (each with its EOS) of the source with a manifest at `path`, in input order, and the
     manifest's tokenizer record, for evaluation. The samples of the shards, in manifest and key order, are the
     packed stream cut into consecutive pieces, so a document is the tokens from one start to the next; the last one
     is the beginning of a document (the stream's remainder was dropped when it was packed). Raises ConfigError or
-    DataError naming `path`."""
-    source = _from_manifest(path, path, f"heldout source {path}", vocab_size)
+    DataError naming `key` (the config key that named `path`) or, without one, `path`."""
+    key = key or f"heldout source {path}"
+    source = _from_manifest(path, path, key, vocab_size)
     pieces, starts = [], []
     for shard in range(len(source.urls)):
         try:
             samples = sorted(_read_shard(source, shard, vocab_size), key=lambda sample: sample[0])
         except _ShardError as error:
-            raise DataError(f"heldout source {path}: shard {source.urls[shard]}: {error}") from None
+            raise DataError(f"{key}: shard {source.urls[shard]}: {error}") from None
         for _, tokens, offsets in samples:
             starts.append(offsets.astype(np.int64) + len(pieces) * (source.seq_len + 1))
             pieces.append(tokens)

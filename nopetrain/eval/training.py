@@ -17,7 +17,9 @@ from nopetrain.eval.perplexity import long_documents, perplexity
 class TrainingEval:
     def __init__(self, cfg: TrainConfig) -> None:
         self.factors, self.count = list(cfg.eval.factors), cfg.eval.documents
-        self.documents: list[np.ndarray] = read_documents(cfg.eval.source, cfg.model.vocab_size)[0]
+        self.documents: list[np.ndarray] = read_documents(
+            cfg.eval.source, cfg.model.vocab_size, f"eval.source={cfg.eval.source}"
+        )[0]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, context: int) -> dict[str, float]:

@@ -1,0 +1,37 @@
+"""How a run ends, as a job script reads it: each way out has its own exit code, the same on every rank.
+
+    0   finished (or already at its last step)
+    1   crashed: an error nopetrain does not know (a traceback follows)
+    2   refused: a config, data, checkpoint or run directory that cannot work; fix it, do not retry
+    3   stopped: too many optimizer steps in a row had non-finite losses
+    75  preempted: checkpointed after a preemption signal; requeue (EX_TEMPFAIL)
+
+An error that ends a run with a known code derives from `ExitError`; train.py prints its one-line message and exits
+with its `exit_code`. A rank that fails alone leaves its peers waiting in a collective until its process exits;
+`ownership.FailureRecord` tells them which rank it was and with what code. No torch here: config.py (imported by
+dry runs, which must not load torch) uses it.
+"""
+
+from __future__ import annotations
+
+CRASHED = 1
+REFUSED = 2
+NONFINITE = 3
+# EX_TEMPFAIL (sysexits.h): "try again later", the job script's cue to requeue.
+PREEMPTED = 75
+
+
+class ExitError(Exception):
+    """An error that ends a run with `exit_code` and a one-line message, without a traceback."""
+
+    exit_code = REFUSED
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The code a run stopped by `err` exits with."""
+    return err.exit_code if isinstance(err, ExitError) else CRASHED
+
+
+def one_line(message: object) -> str:
+    """A message (an error's, a library's) on one line."""
+    return " ".join(str(message).split())

@@ -24,9 +24,10 @@ from .helpers import REPO, corpus_overrides, losses, run_train, subprocess_env, 
 pytestmark = pytest.mark.slow
 
 KILLS = 10
-# A checkpoint every 2 steps: kills land in saves as often as in steps. 30 steps with at most 3 new ones per start
-# cannot finish before the tenth kill.
-STEPS = 30
+# A checkpoint every 2 steps: kills land in saves as often as in steps. A start is killed before it begins training
+# or before it logs the step after the one it waits for (kill_at_a_random_moment), so it publishes at most 4 new
+# steps: 42 steps cannot finish before the tenth kill, however fast the machine starts and trains.
+STEPS = 42
 TRAIN = (f"steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "global_batch_size=8", "micro_batch_size=4")
 # Share of starts killed during start-up (imports, process group, engine, loaders) rather than after a step.
 STARTUP_KILLS = 0.3
@@ -78,26 +79,33 @@ def start(run_dir: Path, overrides: tuple[str, ...], nproc: int, log: Path) -> s
         )
 
 
-def kill_at_a_random_moment(proc: subprocess.Popen, run_dir: Path, rng: random.Random) -> str | None:
-    """SIGKILLs the process group during start-up or just after one of the next 3 steps (in the next step or in a
-    checkpoint save); returns when, or None if the process ended first."""
+def kill_at_a_random_moment(proc: subprocess.Popen, run_dir: Path, log: Path, rng: random.Random) -> str | None:
+    """SIGKILLs the process group during start-up (before its log says training begins) or just after one of the
+    next 3 steps (in the next step or in a checkpoint save); returns when, or None if the process ended first. A wait
+    drawn in seconds alone would let a machine that starts fast run on for many steps."""
     saved = complete_checkpoints(run_dir / "checkpoints")
     resumed_at = int(saved[-1].name.removeprefix("step_")) if saved else 0
     if rng.random() < STARTUP_KILLS:
-        after_step, wait = None, rng.uniform(0.2, STARTUP_SECONDS)
+        after_step, last_step, wait = None, None, rng.uniform(0.2, STARTUP_SECONDS)
     else:
-        after_step, wait = resumed_at + rng.randint(1, 3), rng.uniform(0, 0.4)
+        after_step = resumed_at + rng.randint(1, 3)
+        last_step, wait = after_step + 1, rng.uniform(0, 0.4)
     deadline = time.monotonic() + 600
     while after_step is not None and last_logged_step(run_dir) < after_step and proc.poll() is None:
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.02)
-    try:
-        proc.wait(timeout=wait)
+    until = time.monotonic() + wait
+    while time.monotonic() < until and proc.poll() is None:
+        if last_step is None and "training steps " in log.read_text():
+            break
+        if last_step is not None and last_logged_step(run_dir) > last_step:
+            break
+        time.sleep(0.01)
+    if proc.poll() is not None:
         return None
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return f"{'start-up' if after_step is None else f'step {after_step}'} +{wait:.2f}s"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return f"{'start-up' if after_step is None else f'step {after_step}'} +{wait:.2f}s"
 
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["one-process", "two-ranks"])
@@ -109,7 +117,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, corpus
     chaos, rng, moments = tmp_path / "chaos", random.Random(nproc), []
     while len(moments) < KILLS:
         log = tmp_path / f"start_{len(moments)}.log"
-        moment = kill_at_a_random_moment(start(chaos, overrides, nproc, log), chaos, rng)
+        moment = kill_at_a_random_moment(start(chaos, overrides, nproc, log), chaos, log, rng)
         assert moment, f"the run finished after {len(moments)} kills: {log.read_text()[-2000:]}"
         moments.append(moment)
         wait_until_unowned(chaos)

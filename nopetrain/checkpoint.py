@@ -8,7 +8,7 @@ Layout under `<run.dir>/checkpoints/`:
   latest                     the newest complete tag, for tools that follow DeepSpeed's convention
 
 A resume from a checkpoint older than the newest one is a rewind: refused unless `checkpoint.rewind=true`, which
-moves the newer checkpoints into `<run.dir>/rewound/<UTC time>/checkpoints/` (see trainer.set_aside_later_steps).
+moves the newer checkpoints into `<run.dir>/rewound/<UTC time>/checkpoints/` (see resume.set_aside_later_steps).
 Pruning (`keep`) only removes checkpoints older than the one just saved.
 
 Every rank writes into `.incomplete-step_N/`; only after all ranks are done does rank 0 record the checksums and
@@ -18,12 +18,16 @@ skips it with a warning and takes the newest intact one, an explicit `checkpoint
 
 Every file is read with `torch.load(weights_only=True)`, DeepSpeed's own loaders included (`safe_torch_load`): a
 checkpoint is data, and loading one must not run code that a crafted pickle brings along.
+
+Outside training (export, evaluation) `read_checkpoint` gives a checkpoint's trainer state, model config and full
+fp32 weights from any ZeRO stage, without a process group; `read_state` the first two alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -32,6 +36,7 @@ import random
 import re
 import shutil
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +48,10 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from nopetrain.config import ConfigError
+from nopetrain.config import ConfigError, ModelConfig, validate_model
 from nopetrain.data_pipelines.atomic import write_bytes
+from nopetrain.exits import error_line
+from nopetrain.model import Transformer
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 INCOMPLETE_PREFIX = ".incomplete-"
@@ -357,3 +364,84 @@ def load(engine: DeepSpeedEngine, path: Path, universal: bool, weights_only: boo
         raise ConfigError(f"checkpoint {path}: {rank_file.name} is missing")
     with safe_torch_load():
         return torch.load(rank_file)
+
+
+def copy_tokenizer(record: dict[str, Any] | None, run_dir: Path, model_vocab_size: int) -> str | None:
+    """Copies the data's tokenizer into run_dir/tokenizer/, so checkpoints and exports carry it; returns its path
+    relative to run_dir."""
+    if record is None:
+        return None
+    if 2 * int(record["vocab_size"]) <= model_vocab_size:
+        log.warning(
+            "model.vocab_size=%d is over twice the %d pieces of the data's tokenizer %s: the extra rows are never "
+            "trained",
+            model_vocab_size,
+            record["vocab_size"],
+            record["path"],
+        )
+    source = Path(record["path"])
+    if not source.is_file():
+        log.warning("tokenizer %s named by the data manifests is missing; checkpoints will not carry it", source)
+        return None
+    target = run_dir / "tokenizer" / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return str(target.relative_to(run_dir))
+
+
+# Reading a checkpoint's weights outside training (export, evaluation): no process group, any ZeRO stage.
+
+
+@dataclass
+class CheckpointWeights:
+    """A checkpoint as export and evaluation read it."""
+
+    state: dict[str, Any]  # trainer_state.json
+    model_config: ModelConfig
+    weights: dict[str, torch.Tensor]  # our names, fp32, dormant QK-norm gains dropped
+
+
+def read_state(path: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """The checkpoint's trainer state and model config, without its weights."""
+    state_file = path / TRAINER_STATE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: not a nopetrain checkpoint (no {TRAINER_STATE})")
+    try:
+        state = json.loads(state_file.read_text())
+        cfg = ModelConfig(**state["model_config"])
+        validate_model(cfg)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{state_file}: no usable model_config ({error_line(err)})") from None
+    return state, cfg
+
+
+def read_checkpoint(path: Path) -> CheckpointWeights:
+    """The checkpoint's trainer state, model config and full fp32 weights, checked against our Transformer."""
+    state, cfg = read_state(path)
+    weights = _gather_fp32(path)
+    # Gains built for a later DroPE switch exist in the checkpoint but do not act until it happens.
+    unused = {"q_norm_weight": cfg.qk_norm == "none", "k_norm_weight": cfg.qk_norm != "qk"}
+    weights = {key: value for key, value in weights.items() if not unused.get(key.rsplit(".", 1)[-1], False)}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        # On the meta device, assign=True checks names and shapes without allocating a second copy.
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit model_config ({error_line(err)})") from None
+    return CheckpointWeights(state, cfg, weights)
+
+
+def _gather_fp32(path: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # zero_to_fp32 reports progress on stdout and stderr; keep them for our own summary and errors.
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), safe_torch_load():
+            return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    except CheckpointError:
+        raise
+    except Exception as err:  # DeepSpeed and torch.load raise many types for missing or corrupt shards
+        raise CheckpointError(f"{path}: cannot read the DeepSpeed shards ({error_line(err)})") from None

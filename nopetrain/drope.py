@@ -10,6 +10,7 @@ ZeRO's partitioning, hold them from the first step.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,3 +85,23 @@ def drop_rope(model: Transformer, qk_norm: str = "none") -> list[nn.Parameter]:
     cfg.no_rope_layers = [0] * cfg.num_layers
     cfg.qk_norm = active
     return new_params
+
+
+def reset_optimizer_state(engine: Any) -> None:
+    """Zeroes AdamW's moments and step counts in place (in every ZeRO partition), as for a fresh optimizer."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for param_state in base.state.values():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                param_state[key] = 0
+    for group in base.param_groups:
+        if "step" in group:
+            group["step"] = 0
+
+
+def switch_to_nope(engine: Any, qk_norm: str) -> None:
+    """DroPE on the engine's model: every layer NoPE, QK-norm switched on with the gains built in at start."""
+    if drop_rope(engine.module, qk_norm):
+        raise RuntimeError("DroPE created parameters outside the optimizer; the model lacks its dormant QK-norm")

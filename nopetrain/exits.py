@@ -35,3 +35,8 @@ def exit_code_of(err: BaseException) -> int:
 def one_line(message: object) -> str:
     """A message (an error's, a library's) on one line."""
     return " ".join(str(message).split())
+
+
+def error_line(err: BaseException) -> str:
+    """A library's error as one line: its type and the start of its message."""
+    return f"{type(err).__name__}: {one_line(err)[:300]}"

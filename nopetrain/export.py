@@ -31,23 +31,20 @@ Errors are one line, `nopetrain-export: error: PATH: ...`, with exit code 2. The
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nopetrain.checkpoint import TRAINER_STATE, CheckpointError, safe_torch_load
-from nopetrain.config import ConfigError, ModelConfig, validate_model
+from nopetrain.checkpoint import TRAINER_STATE, CheckpointError, read_checkpoint
+from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.eval import logit_scale
+from nopetrain.exits import error_line
 from nopetrain.hf import _IN_LAYER, _TOP_LEVEL
-from nopetrain.model import Transformer
 
 REMOTE_CODE = Path(__file__).parent / "hf_remote"
 REMOTE_FILES = ("configuration_nopetrain.py", "modeling_nopetrain.py")
@@ -68,64 +65,6 @@ _TO_HF_IN_LAYER = {ours: hf for hf, ours in _IN_LAYER.items()} | {
 
 class ExportError(Exception):
     """A checkpoint that cannot be exported; the message names the path."""
-
-
-@dataclass
-class Checkpoint:
-    state: dict[str, Any]  # trainer_state.json
-    model_config: ModelConfig
-    weights: dict[str, torch.Tensor]  # our names, fp32, dormant QK-norm gains dropped
-
-
-def read_state(path: Path) -> tuple[dict[str, Any], ModelConfig]:
-    """The checkpoint's trainer state and model config, without its weights."""
-    state_file = path / TRAINER_STATE
-    if not path.is_dir():
-        raise ExportError(f"{path}: not a directory")
-    if not state_file.is_file():
-        raise ExportError(f"{path}: not a nopetrain checkpoint (no {TRAINER_STATE})")
-    try:
-        state = json.loads(state_file.read_text())
-        cfg = ModelConfig(**state["model_config"])
-        validate_model(cfg)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ExportError(f"{state_file}: no usable model_config ({_one_line(err)})") from None
-    return state, cfg
-
-
-def read_checkpoint(path: Path) -> Checkpoint:
-    """The checkpoint's trainer state, model config and full fp32 weights, checked against our Transformer."""
-    state, cfg = read_state(path)
-    weights = _gather_fp32(path)
-    # Gains built for a later DroPE switch exist in the checkpoint but do not act until it happens.
-    unused = {"q_norm_weight": cfg.qk_norm == "none", "k_norm_weight": cfg.qk_norm != "qk"}
-    weights = {key: value for key, value in weights.items() if not unused.get(key.rsplit(".", 1)[-1], False)}
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    try:
-        # On the meta device, assign=True checks names and shapes without allocating a second copy.
-        model.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as err:
-        raise ExportError(f"{path}: weights do not fit model_config ({_one_line(err)})") from None
-    return Checkpoint(state, cfg, weights)
-
-
-def _gather_fp32(path: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # zero_to_fp32 reports progress on stdout and stderr; keep them for our own summary and errors.
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), safe_torch_load():
-            return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    except CheckpointError as err:
-        raise ExportError(str(err)) from None
-    except Exception as err:  # DeepSpeed and torch.load raise many types for missing or corrupt shards
-        raise ExportError(f"{path}: cannot read the DeepSpeed shards ({_one_line(err)})") from None
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}"
 
 
 def uses_remote_code(cfg: ModelConfig) -> bool:
@@ -203,14 +142,14 @@ def write_tokenizer(model_file: Path, folder: Path) -> dict[str, int | None]:
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as err:
-        raise ExportError(f"{model_file}: converting the tokenizer needs protobuf ({_one_line(err)})") from None
+        raise ExportError(f"{model_file}: converting the tokenizer needs protobuf ({error_line(err)})") from None
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import Unigram
 
     try:
         proto = sentencepiece_model_pb2.ModelProto.FromString(model_file.read_bytes())
     except Exception as err:  # protobuf's DecodeError, or an OSError
-        raise ExportError(f"{model_file}: not a sentencepiece model ({_one_line(err)})") from None
+        raise ExportError(f"{model_file}: not a sentencepiece model ({error_line(err)})") from None
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     # What nopetrain's tokenizer trainer writes; anything else would need more than this converter reproduces.
     unsupported = {
@@ -266,7 +205,10 @@ def export(checkpoint: Path, output: Path, dtype: str = "float32") -> str:
 
     if output.exists():
         raise ExportError(f"{output}: already exists; remove it or choose another --output")
-    ckpt = read_checkpoint(checkpoint)
+    try:
+        ckpt = read_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     cfg = ckpt.model_config
     try:
         fitted = logit_scale.read(checkpoint / logit_scale.FILE)

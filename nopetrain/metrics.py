@@ -190,3 +190,29 @@ def set_aside_rows(run_dir: Path, step: int, folder: Path) -> int:
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class ConsoleHandler(logging.Handler):
+    """Writes log lines through tqdm, which clears the progress bar, prints the line and redraws the bar below it,
+    so that no line is glued onto the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's contract: report, never raise
+            self.handleError(record)
+
+
+def setup_logging(rank: int, run_dir: Path) -> None:
+    """Rank 0 logs INFO to the console; every rank logs to run_dir/logs/rank_N.log."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(message)s", "%H:%M:%S")
+    console = ConsoleHandler()
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    file = logging.FileHandler(run_dir / "logs" / f"rank_{rank:05d}.log")
+    for handler in (console, file):
+        handler.setFormatter(formatter)
+        handler.addFilter(lambda record: setattr(record, "rank", rank) or True)
+    log.handlers[:] = [console, file]
+    log.setLevel(logging.INFO)
+    log.propagate = False

@@ -11,10 +11,7 @@ loop counts those skips and stops the run after `max_consecutive_nonfinite` of t
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
-import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,34 +20,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from nopetrain import checkpoint
-from nopetrain.config import ConfigError, TrainConfig, validate
+from nopetrain.config import TrainConfig, validate
 from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.data.phased import PhasedStream
 from nopetrain.data_pipelines.atomic import write_bytes
-from nopetrain.drope import dormant_qk_norm, drop_rope, starts_drope_on_rope_checkpoint
+from nopetrain.drope import dormant_qk_norm, reset_optimizer_state, switch_to_nope
 from nopetrain.eval.training import TrainingEval
 from nopetrain.exits import NONFINITE, ExitError
 from nopetrain.hf import load_hf_state_dict, pretrained_model
 from nopetrain.kernels import set_backend as set_kernel_backend
-from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops, set_aside_rows
+from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops, setup_logging
 from nopetrain.model import count_parameters, lm_loss
 from nopetrain.ownership import FailureRecord, die_with_torchrun_agent, own_run_dir
-from nopetrain.parallel import (
-    DistEnv,
-    build_engine,
-    destroy_process_group,
-    init_distributed,
-    use_bf16,
-)
+from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, init_distributed, use_bf16
 from nopetrain.preemption import PREEMPTED_BY_FILE, Preempted, PreemptionWatch
+from nopetrain.resume import prepare_resume
 
 log = logging.getLogger("nopetrain")
-
-# Model keys a resumed run may change; everything else must match the checkpoint's architecture.
-RUNTIME_MODEL_KEYS = {"attn_logit_scale", "logit_scale_coef", "train_context"}
 
 
 class NonFiniteLossError(ExitError, RuntimeError):
@@ -59,172 +47,9 @@ class NonFiniteLossError(ExitError, RuntimeError):
     exit_code = NONFINITE
 
 
-class ConsoleHandler(logging.Handler):
-    """Writes log lines through tqdm, which clears the progress bar, prints the line and redraws the bar below it,
-    so that no line is glued onto the bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # logging's contract: report, never raise
-            self.handleError(record)
-
-
-def setup_logging(rank: int, run_dir: Path) -> None:
-    """Rank 0 logs INFO to the console; every rank logs to run_dir/logs/rank_N.log."""
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    formatter = logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(message)s", "%H:%M:%S")
-    console = ConsoleHandler()
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    file = logging.FileHandler(run_dir / "logs" / f"rank_{rank:05d}.log")
-    for handler in (console, file):
-        handler.setFormatter(formatter)
-        handler.addFilter(lambda record: setattr(record, "rank", rank) or True)
-    log.handlers[:] = [console, file]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
-# Keys that say how this invocation resumes and where the run now lives (a copied or moved run.dir), or what a dry
-# run plans for (plan.*), not what the run is: never reported as changed.
-INVOCATION_KEYS = {"checkpoint.resume", "checkpoint.rewind", "stop_at_step", "run.dir", "dry_run"}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dicts as `a.b.c` keys (lists stay values)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def changes_the_past(key: str) -> bool:
-    """Whether a resumed run with another value of `key` would no longer continue the steps already taken: the
-    model's shape, the seed (it orders the shards not read yet), what the data sources are. Phase lengths, weights,
-    sequence lengths and batch sizes are judged on the resolved plan instead (see passed_plan)."""
-    if key.startswith("model."):
-        return key.removeprefix("model.") not in RUNTIME_MODEL_KEYS
-    return key in ("seed", "data.kind", "data.successors_per_token") or (
-        key.startswith("data.sources.") and key.endswith(".path")
-    )
-
-
-def passed_plan(plan: Plan, step: int) -> str:
-    """What the first `step` steps of `plan` ran: each phase begun (its steps up to `step`, sequence length, batch,
-    weights) and the DroPE switch if it came before."""
-    # Weights sorted by source: a saved config's sources come back from trainer_state.json in sorted order.
-    done = [
-        f"{phase.name} steps {phase.start + 1}-{min(phase.end, step)} seq_len {phase.seq_len} batch "
-        f"{phase.global_batch_size} weights {dict(sorted(phase.weights.items()))}"
-        for phase in plan.phases
-        if phase.start < step
-    ]
-    if plan.drope_step is not None and plan.drope_step < step:
-        done.append(f"DroPE from step {plan.drope_step + 1}")
-    return "; ".join(done)
-
-
-def saved_config(saved: dict[str, Any]) -> TrainConfig:
-    """The config a checkpoint was trained with (`saved`: its trainer state), on today's schema."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"]))
-
-
-def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, plan: Plan, path: Path) -> None:
-    """Compares the config of a resumed run with checkpoint `path`'s (`saved`: its trainer state). Raises ConfigError
-    naming the key and both values when a change would rewrite the steps already taken; logs the other changes in one
-    warning line."""
-    step = saved["step"]
-    old, new = flatten(saved["config"]), flatten(dataclasses.asdict(cfg))
-    changed = [
-        key
-        for key, value in new.items()
-        if key not in INVOCATION_KEYS and not key.startswith("plan.") and old.get(key) != value
-    ]
-    for key in changed:
-        if changes_the_past(key):
-            raise ConfigError(f"{key}={new[key]!r} but checkpoint {path} was trained with {key}={old.get(key)!r}")
-    before, now = passed_plan(resolve(saved_config(saved), saved["world_size"]), step), passed_plan(plan, step)
-    if before != now:
-        raise ConfigError(
-            f"the config changes the curriculum's first {step} steps, which checkpoint {path} has run: "
-            f"{before} -> {now}"
-        )
-    if changed:
-        log.warning(
-            "resuming from %s with a changed config (from step %d on): %s",
-            path,
-            step + 1,
-            ", ".join(f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in changed),
-        )
-
-
-def set_aside_later_steps(run_dir: Path, step: int, rewind: bool) -> None:
-    """Moves what run_dir holds beyond `step` into run_dir/rewound/<UTC time>/: the metrics rows logged after it and,
-    when rewinding, the newer checkpoints. The resumed run then appends to a history that ends at `step`; nothing is
-    deleted. Rank 0 only."""
-    folder = run_dir / "rewound" / datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    root = checkpoint.checkpoint_root(run_dir)
-    moved = checkpoint.set_aside_newer(root, step, folder / root.name) if rewind else []
-    rows = set_aside_rows(run_dir, step, folder)
-    if moved or rows:
-        log.warning(
-            "resuming at step %d: moved %s and %d metrics row(s) of later steps to %s",
-            step,
-            f"checkpoint(s) {', '.join(moved)}" if moved else "no checkpoint",
-            rows,
-            folder,
-        )
-
-
-def copy_tokenizer(record: dict[str, Any] | None, run_dir: Path, model_vocab_size: int) -> str | None:
-    """Copies the data's tokenizer into run_dir/tokenizer/, so checkpoints and exports carry it; returns its path
-    relative to run_dir."""
-    if record is None:
-        return None
-    if 2 * int(record["vocab_size"]) <= model_vocab_size:
-        log.warning(
-            "model.vocab_size=%d is over twice the %d pieces of the data's tokenizer %s: the extra rows are never "
-            "trained",
-            model_vocab_size,
-            record["vocab_size"],
-            record["path"],
-        )
-    source = Path(record["path"])
-    if not source.is_file():
-        log.warning("tokenizer %s named by the data manifests is missing; checkpoints will not carry it", source)
-        return None
-    target = run_dir / "tokenizer" / source.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return str(target.relative_to(run_dir))
-
-
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def reset_optimizer_state(engine: Any) -> None:
-    """Zeroes AdamW's moments and step counts in place (in every ZeRO partition), as for a fresh optimizer."""
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for param_state in base.state.values():
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-            elif key == "step":
-                param_state[key] = 0
-    for group in base.param_groups:
-        if "step" in group:
-            group["step"] = 0
-
-
-def switch_to_nope(engine: Any, qk_norm: str) -> None:
-    """DroPE on the engine's model: every layer NoPE, QK-norm switched on with the gains built in at start."""
-    if drop_rope(engine.module, qk_norm):
-        raise RuntimeError("DroPE created parameters outside the optimizer; the model lacks its dormant QK-norm")
 
 
 class Trainer:
@@ -349,7 +174,7 @@ class Trainer:
         cfg, env, engine, state = self.cfg, self.env, self.engine, self.state
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-            self.tokenizer = copy_tokenizer(self.stream.tokenizer, self.run_dir, cfg.model.vocab_size)
+            self.tokenizer = checkpoint.copy_tokenizer(self.stream.tokenizer, self.run_dir, cfg.model.vocab_size)
         log.info(
             "model %s: %s parameters, layers with RoPE: %s; %d rank(s) x %d micro-batch(es) of %d sequences, %s",
             cfg.model.name,
@@ -509,31 +334,13 @@ def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, 
     validate(cfg, env.world_size)
     set_kernel_backend(cfg.kernels)
     plan = resolve(cfg, env.world_size)
-    run_dir = Path(cfg.run.dir)
-    setup_logging(env.rank, run_dir)
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir, cfg.checkpoint.rewind)
-    saved = checkpoint.read_trainer_state(resume_from) if resume_from is not None else None
-    weights_only = False
-    if saved is not None:
-        check_resumed_config(saved, cfg, plan, resume_from)
-        saved_cfg = saved_config(saved)
-        saved_drope_step = resolve(saved_cfg, saved["world_size"]).drope_step
-        weights_only = starts_drope_on_rope_checkpoint(
-            saved_cfg, saved["step"], saved_drope_step, cfg, plan.drope_step, resume_from
-        )
-        if weights_only and saved["world_size"] != env.world_size:
-            raise ConfigError(
-                f"checkpoint {resume_from} was written by {saved['world_size']} process(es): start DroPE from it "
-                f"with as many (this run has {env.world_size})"
-            )
-        if env.is_main:
-            set_aside_later_steps(run_dir, saved["step"], cfg.checkpoint.rewind)
-        dist.barrier()
-    pretrained = load_hf_state_dict(hf_folder) if hf_folder and resume_from is None else None
+    setup_logging(env.rank, Path(cfg.run.dir))
+    resume = prepare_resume(cfg, env, plan)
+    pretrained = load_hf_state_dict(hf_folder) if hf_folder and resume is None else None
     if pretrained is not None:
         log.info("initialised from %s", hf_folder)
-    resize = saved is not None and saved["world_size"] != env.world_size
+    resize = resume is not None and resume.saved["world_size"] != env.world_size
     trainer = Trainer(cfg, env, plan, pretrained, resize, watch)
-    if resume_from is not None:
-        trainer.resume(resume_from, saved, weights_only)
+    if resume is not None:
+        trainer.resume(resume.path, resume.saved, resume.weights_only)
     return trainer.run()

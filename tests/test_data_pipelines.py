@@ -23,7 +23,7 @@ import webdataset as wds
 import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nopetrain.data.streaming import read_documents
+from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines import tokenize_source
 from nopetrain.data_pipelines.cli import main
 from nopetrain.data_pipelines.corpus_math import kv_lookup, math_documents

@@ -26,7 +26,7 @@ from nopetrain.metrics import flops_per_token
 from nopetrain.model import Transformer, count_parameters, lm_loss
 from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, init_distributed
 from nopetrain.plan import make_plan
-from nopetrain.trainer import check_resumed_config
+from nopetrain.resume import check_resumed_config
 
 from .helpers import REPO, composed, gpu, set_one_rank_env, subprocess_env
 

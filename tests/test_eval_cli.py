@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nopetrain.data.streaming import read_documents
+from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines.encoders import describe, load
 from nopetrain.eval import niah
 from nopetrain.eval.config import (

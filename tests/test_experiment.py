@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from nopetrain.config import ConfigError, register_configs
 from nopetrain.curriculum import learning_rate, resolve
-from nopetrain.data.streaming import read_documents
+from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines.corpus_lookup import build_lookup, lookup_document
 from nopetrain.data_pipelines.encoders import Encoder, describe, load
 from nopetrain.data_pipelines.errors import DataError

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from nopetrain.config import ConfigError, DataConfig, ModelConfig, SourceConfig, TrainConfig
-from nopetrain.data.streaming import DataError, ShardMixtureStream
+from nopetrain.data.streaming import ShardMixtureStream
+from nopetrain.data_pipelines.errors import DataError
 from nopetrain.data_pipelines.shards import ShardWriter
 
 SEQ_LEN = 16

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nopetrain.checkpoint import INCOMPLETE_PREFIX, complete_checkpoints
-from nopetrain.trainer import setup_logging, train
+from nopetrain.metrics import setup_logging
+from nopetrain.trainer import train
 
 from .helpers import REPO, WANDB, composed, losses, run_train, set_one_rank_env, subprocess_env, train_command
 

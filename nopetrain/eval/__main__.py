@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nopetrain.config import ConfigError
-from nopetrain.data.streaming import DataError
+from nopetrain.data_pipelines.errors import DataError
 from nopetrain.eval.config import register_configs
 from nopetrain.eval.evaluate import evaluate
 from nopetrain.eval.report import write_report

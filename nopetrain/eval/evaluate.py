@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nopetrain.config import ConfigError, ModelConfig
-from nopetrain.data.streaming import read_documents
+from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines.encoders import Encoder, sha256_file
 from nopetrain.eval import logit_scale, niah
 from nopetrain.eval.config import EvalConfig, model_specs, split_series, validate

@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
-from nopetrain.checkpoint import CHECKSUMS, checkpoint_root, complete_checkpoints
+from nopetrain.checkpoint import CHECKSUMS, checkpoint_root, complete_checkpoints, read_checkpoint, read_state
 from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.data_pipelines.encoders import Encoder, describe, load, sha256_file
 from nopetrain.data_pipelines.errors import DataError as TokenizerError
 from nopetrain.eval import logit_scale
-from nopetrain.export import ExportError, read_checkpoint, read_state
 from nopetrain.hf import folder_model_config, model_from_hf
 from nopetrain.model import Transformer
 
@@ -67,10 +66,7 @@ def trained_context(run_config: dict) -> int:
 
 def _load_ours(name: str, path: Path) -> LoadedModel:
     ckpt_dir = _checkpoint_dir(path)
-    try:
-        ckpt = read_checkpoint(ckpt_dir)
-    except ExportError as err:
-        raise ConfigError(str(err)) from None
+    ckpt = read_checkpoint(ckpt_dir)
     record = ckpt.state.get("tokenizer")
     if record is None:
         raise ConfigError(f"{ckpt_dir}: the run has no tokenizer (trained on synthetic data?); nothing to evaluate")
@@ -113,10 +109,7 @@ def architecture(spec: str) -> ModelConfig:
     hf_folder = spec.removeprefix("hf:")
     if hf_folder != spec:
         return folder_model_config(Path(hf_folder))
-    try:
-        return read_state(_checkpoint_dir(Path(spec)))[1]
-    except ExportError as err:
-        raise ConfigError(str(err)) from None
+    return read_state(_checkpoint_dir(Path(spec)))[1]
 
 
 def load_model(name: str, spec: str, train_context: int | None, device: torch.device) -> LoadedModel:

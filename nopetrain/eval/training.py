@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nopetrain.config import TrainConfig
-from nopetrain.data.streaming import read_documents
+from nopetrain.data.shards import read_documents
 from nopetrain.eval.perplexity import long_documents, perplexity
 
 

@@ -24,7 +24,8 @@ from nopetrain.data_pipelines.corpus_lookup import build_lookup, lookup_document
 from nopetrain.data_pipelines.encoders import Encoder, describe, load
 from nopetrain.data_pipelines.errors import DataError
 from nopetrain.eval import niah
-from nopetrain.eval.config import NIAH_TASKS
+from nopetrain.eval.config import NIAH_TASKS, EvalConfig, NiahConfig
+from nopetrain.eval.evaluate import niah_trials
 from nopetrain.experiment import CorpusConfig, build_corpus, load_config
 
 from .helpers import REPO, losses, subprocess_env
@@ -118,6 +119,19 @@ def test_teacher_forced_answers_continue_the_prompt_as_a_training_document(corpu
         question = line_ids(prompt, encoder.decode, text.question.split("\n")[0])
         start = max(i for i in range(len(prompt)) if prompt[i : i + len(question)] == question)
         assert [*prompt[start:], *answer] == training[-(len(prompt) - start + len(answer)) :]
+
+
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_at_1x_every_answer_position_is_inside_the_training_context(corpus: Path, task: str) -> None:
+    """A 1x trial's prompt and answer together fit SEQ_LEN: teacher forcing (and greedy decoding of the answer) read
+    the answer at positions below the training context, where training saw every position."""
+    encoder = load(describe(str(corpus / "tokenizer.model")))
+    haystacks, _ = read_documents(str(corpus / "heldout" / "web"), 1024)
+    trials = niah_trials(encoder, haystacks, task, SEQ_LEN, EvalConfig(niah=NiahConfig(trials=10)))
+    for trial in trials:
+        # The answer's tokens sit at positions len(prompt) ... len(prompt) + len(answer) - 1.
+        assert len(trial.prompt) + len(trial.answer) - 1 < SEQ_LEN
+        assert len(trial.prompt) + len(trial.answer) == SEQ_LEN
 
 
 def test_build_lookup_writes_a_source_of_whole_documents(corpus: Path) -> None:

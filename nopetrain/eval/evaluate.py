@@ -213,20 +213,22 @@ def niah_trials(
     tokenizer: Encoder, haystacks: list[np.ndarray], task: str, length: int, cfg: EvalConfig
 ) -> list[Trial]:
     """Every trial of `task` at `length` tokens, its haystack from the held-out prose `haystacks`; the same seed
-    gives the same trials. Raises ValueError when a prompt cannot be built, or when it does not end with the
-    question's ids as the answer's ids assume."""
+    gives the same trials. The prompt and its answer together take `length` tokens: the answer is read at positions
+    below `length`, so at 1x no position lies beyond the training context. Raises ValueError when a prompt cannot be
+    built, or when it does not end with the question's ids as the answer's ids assume."""
     trials = []
     for index in range(cfg.niah.trials):
         rng = random.Random(f"{cfg.seed}/{task}/{length}/{index}")
         text = niah.needle_task(rng, task, cfg.niah.needles)
+        answer = niah.answer_ids(tokenizer.encode, text.question, text.answer_text)
         haystack = niah.haystack_for(haystacks, rng, length, tokenizer.decode)
         # The standard task's trials go round the depths; the others place their needles at random.
         depth = cfg.niah.depths[index % len(cfg.niah.depths)] if task == "standard" else None
         depths = [depth] if depth is not None else [rng.random() for _ in text.needles]
-        prompt = np.asarray(niah.build_prompt(text, haystack, depths, length, tokenizer.encode), dtype=np.int32)
+        prompt_length = length - len(answer)
+        prompt = np.asarray(niah.build_prompt(text, haystack, depths, prompt_length, tokenizer.encode), dtype=np.int32)
         if not niah.ends_like_question(prompt.tolist(), text.question, tokenizer.encode, tokenizer.decode):
             raise ValueError("the prompt's last tokens are not the question's as it encodes alone")
-        answer = niah.answer_ids(tokenizer.encode, text.question, text.answer_text)
         trials.append(Trial(depth, text, prompt, answer, hashlib.sha256(prompt.tobytes()).hexdigest()[:16]))
     return trials
 

@@ -1,13 +1,14 @@
 """`build-default`: the embedded default corpus for `make train`, made from what any machine with Python has.
 
 Three sources: web (English prose shipped with Python and the installed packages), code (the standard library's
-source) and math (seeded problems and key/value look-ups); see the corpus_* modules. The standard library's files
+source) and math (seeded problems); see the corpus_* modules. The standard library's files
 are split by a seeded hash: most feed code, the rest feed web's docstrings, so that no file is in both. Each source
 is capped at `max_mb_per_source` and its documents are shuffled; about HELDOUT_FRACTION of them (chosen by a
 seeded hash of their text) go to the held-out split. Shards are small (see MIN_SHARDS) so that many readers can
 share even a small source. Output:
 
-    DIR/tokenizer.model, DIR/tokenizer.vocab   trained on a sample of the three train splits
+    DIR/tokenizer.model, DIR/tokenizer.vocab   trained on a sample of the three train splits and of look-up text
+                                               (DIR/raw/tokenizer/lookup.jsonl: needles and questions alone)
     DIR/raw/{train,heldout}/SOURCE.jsonl       the documents, {"text": ...} per line
     DIR/{train,heldout}/SOURCE/                tokenized shards and manifest.json (see tokenize_source)
     DIR/corpus.json                            a summary, written last
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from .atomic import write_bytes
 from .corpus_code import code_documents, python_files
+from .corpus_lookup import tokenizer_lookup_text
 from .corpus_math import math_documents
 from .corpus_web import web_documents
 from .encoders import describe, load
@@ -134,7 +136,11 @@ def build_default(
     for split, sources in splits.items():
         for name, documents in sources.items():
             _write_jsonl(output / "raw" / split / f"{name}.jsonl", documents)
-    train_files = [str(output / "raw" / "train" / f"{name}.jsonl") for name in SOURCES]
+    # The look-up text too: the synthetic look-up source (corpus_lookup.py), added later with this tokenizer, and the
+    # evaluation's needles are made of it.
+    lookup_text = output / "raw" / "tokenizer" / "lookup.jsonl"
+    _write_jsonl(lookup_text, tokenizer_lookup_text(seed))
+    train_files = [str(output / "raw" / "train" / f"{name}.jsonl") for name in SOURCES] + [str(lookup_text)]
     tokenizer = train_tokenizer(train_files, output, vocab_size, max_mb=TOKENIZER_SAMPLE_MB)
     summary: dict[str, dict[str, object]] = {name: {} for name in SOURCES}
     for split, sources in splits.items():

@@ -31,6 +31,9 @@ from .tokenize_source import tokenize
 
 # Filler is prose (the web source), as the evaluation's haystacks are.
 FILLER_SOURCES = ("web",)
+# Bytes of look-up text in the tokenizer's training sample (tokenizer_lookup_text): about what the math source held
+# when its documents included look-ups, so that needles and questions keep the pieces they had.
+TOKENIZER_LOOKUP_BYTES = 300_000
 # Characters per token to start from when sizing the filler; a document that encodes too long is cut down.
 CHARS_PER_TOKEN = 4.0
 SHRINK = 0.85
@@ -65,6 +68,18 @@ def lookup_document(rng: random.Random, task: str, filler: str, encoder: Encoder
         if len(encoder.encode([text])[0]) + 1 <= max_tokens or chars == 0:
             return text
         chars = int(chars * SHRINK)
+
+
+def tokenizer_lookup_text(seed: int, max_bytes: int = TOKENIZER_LOOKUP_BYTES) -> list[str]:
+    """Documents of look-up text alone (every task's needle lines, then its question and answer), for the tokenizer's
+    training sample: the look-up source is written only once the tokenizer exists, and no other source holds the
+    text its needles and questions are made of."""
+    rng = random.Random(f"tokenizer-lookup-{seed}")
+    texts: list[str] = []
+    while sum(map(len, texts)) < max_bytes:
+        task = needle_task(rng, rng.choice(NIAH_TASKS))
+        texts.append("\n".join([*task.needles, f"{task.question} {task.answer_text}"]))
+    return texts
 
 
 def build_lookup(corpus: Path, documents: int, seed: int = 0, tasks: list[str] | None = None) -> dict[str, object]:

@@ -1,14 +1,17 @@
-"""Math for the default corpus: seeded arithmetic and algebra problems with worked solutions, and key/value look-ups.
+"""Math for the default corpus: seeded arithmetic and algebra problems with worked solutions.
 
-A problem document reads "Problem: ...", "Solution: ..." (the worked steps), "Answer: ...". A look-up document
-lists keys (two-word phrases) with seven-digit values and asks for one of them; a later long-context evaluation
-builds its prompts with `kv_lookup`, so the format below is a contract:
+A problem document reads "Problem: ...", "Solution: ..." (the worked steps), "Result: ...". Its last line is not
+"Answer:": that cue belongs to the long-context evaluation's look-up questions (nopetrain/eval/niah.py, trained on
+in the synthetic look-up source, data_pipelines/corpus_lookup.py), where the answer is copied from the context; a
+computed number after the same cue competed with copying. The look-up text itself (two-word keys, seven-digit
+values, the needle line and the question) is drawn here so that both use one vocabulary:
 
-    Remember the value of each key.
     key: amber falcon, value: 4829301
-    key: quiet river, value: 7351920
-    Question: what is the value of the key "quiet river"?
-    Answer: 7351920
+    Question: what is the value of the key amber falcon?
+    Answer: 4829301
+
+The math source holds no look-ups: a look-up needs its needles in the same training sample as its question, which
+only the look-up source (tokenized whole) guarantees; packed math would split most of them.
 
 Everything is drawn from the `random.Random` passed in, so a seed gives the same documents on every machine.
 """
@@ -36,7 +39,6 @@ NOUNS = (
     "raven", "river", "saddle", "shadow", "ship", "sparrow", "spring", "star", "storm", "sun", "temple", "thunder",
     "tiger", "tower", "valley", "violin", "whale", "willow", "wind", "wolf",
 )  # fmt: skip
-KV_SHARE = 0.05  # of documents; a look-up document is about ten times longer than a problem
 
 
 def lookup_keys(rng: random.Random, count: int) -> list[str]:
@@ -57,17 +59,6 @@ def lookup_line(key: str, value: str) -> str:
 def lookup_question(key: str) -> str:
     # The key unquoted, as in the needle line: a quote before it would tokenize its first word differently.
     return f"Question: what is the value of the key {key}?\nAnswer:"
-
-
-def kv_lookup(rng: random.Random, num_pairs: int) -> tuple[str, str]:
-    """A look-up prompt (ending in "Answer:") with `num_pairs` distinct keys, and its answer."""
-    keys = lookup_keys(rng, num_pairs)
-    values = [lookup_value(rng) for _ in keys]
-    asked = rng.randrange(num_pairs)
-    lines = ["Remember the value of each key."]
-    lines += [lookup_line(key, value) for key, value in zip(keys, values, strict=True)]
-    lines.append(lookup_question(keys[asked]))
-    return "\n".join(lines), values[asked]
 
 
 def _signed(value: int) -> str:
@@ -229,16 +220,11 @@ PROBLEMS: tuple[Callable[[random.Random], tuple[str, str, str]], ...] = (
 
 def problem(rng: random.Random) -> str:
     question, steps, answer = rng.choice(PROBLEMS)(rng)
-    return f"Problem: {question}\nSolution: {steps}\nAnswer: {answer}"
+    return f"Problem: {question}\nSolution: {steps}\nResult: {answer}"
 
 
 def math_documents(seed: int) -> Iterator[str]:
-    """An endless seeded stream of problems, with a look-up document in about KV_SHARE of places."""
+    """An endless seeded stream of problems."""
     rng = random.Random(seed)
     while True:
-        if rng.random() < KV_SHARE:
-            # Log-uniform from 4 to 256 pairs: short ones fit a 256-token sample, long ones need long context.
-            prompt, answer = kv_lookup(rng, round(2 ** rng.uniform(2, 8)))
-            yield f"{prompt} {answer}"
-        else:
-            yield problem(rng)
+        yield problem(rng)

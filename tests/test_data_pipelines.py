@@ -26,12 +26,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines import tokenize_source
 from nopetrain.data_pipelines.cli import main
-from nopetrain.data_pipelines.corpus_math import kv_lookup, math_documents
+from nopetrain.data_pipelines.corpus_lookup import tokenizer_lookup_text
+from nopetrain.data_pipelines.corpus_math import math_documents
 from nopetrain.data_pipelines.errors import DataError
 from nopetrain.data_pipelines.packing import Packer
 from nopetrain.data_pipelines.shards import ShardWriter
 from nopetrain.data_pipelines.tokenize_source import tokenize
 from nopetrain.data_pipelines.train_tokenizer import train_tokenizer
+from nopetrain.eval.niah import LOOKUP_LIKE
 
 from .helpers import REPO, subprocess_env
 
@@ -41,9 +43,11 @@ SEQ_LEN = 31
 
 
 def make_documents(count: int, seed: int = 0) -> list[str]:
-    """Prose, code and math, plus one short document with non-ASCII text that byte fallback must carry."""
+    """Prose, code, math and look-up text, plus one short document with non-ASCII text that byte fallback must
+    carry."""
     rng = random.Random(seed)
     problems = math_documents(seed)
+    lookups = iter(tokenizer_lookup_text(seed))
     documents = [SHORT_DOC]
     for i in range(count - 1):
         if i % 3 == 0:
@@ -52,7 +56,7 @@ def make_documents(count: int, seed: int = 0) -> list[str]:
         elif i % 3 == 1:
             documents.append(f"def f{i}(x):\n    # scale by {i}\n    return x * {i} + {rng.randint(0, 99)}\n")
         else:
-            documents.append(next(problems))
+            documents.append(next(problems) if i % 6 == 2 else next(lookups))
     return documents
 
 
@@ -423,15 +427,12 @@ def test_module_entry_point_reports_errors(tmp_path: Path) -> None:
     assert proc.stderr == f"nopetrain-data: error: {tmp_path / 'none.jsonl'}: no such file\n"
 
 
-def test_kv_lookup_answers_the_key_it_asks() -> None:
-    prompt, answer = kv_lookup(random.Random(3), 50)
-    lines = prompt.splitlines()
-    assert lines[0] == "Remember the value of each key." and lines[-1] == "Answer:"
-    pairs = dict(line.removeprefix("key: ").split(", value: ") for line in lines[1:-2])
-    assert len(pairs) == 50 and all(len(v) == 7 and v.isdigit() for v in pairs.values())
-    asked = lines[-2].removeprefix("Question: what is the value of the key ").removesuffix("?")
-    assert pairs[asked] == answer
-    assert kv_lookup(random.Random(3), 50) == (prompt, answer)
+def test_math_holds_no_lookup_and_leaves_the_answer_cue_to_lookups() -> None:
+    """Look-ups packed into math samples lost their needles, and "Answer:" followed by a computed number competed
+    with the evaluation's "Answer:", which a look-up answers from the context."""
+    documents = list(itertools.islice(math_documents(0), 2000))
+    assert not any(LOOKUP_LIKE.search(line) for document in documents for line in document.splitlines())
+    assert all(document.splitlines()[-1].startswith("Result: ") for document in documents)
 
 
 def test_build_default_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -193,7 +193,7 @@ def test_an_experiment_refuses_a_corpus_built_otherwise(corpus: Path) -> None:
 def test_experiment_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no_such_key"):
         load_config("drope_tiny", ["no_such_key=1"])
-    with pytest.raises(ConfigError, match="known: .*drope_tiny"):
+    with pytest.raises(ConfigError, match=r"known: .*drope_tiny"):
         load_config("no_such_experiment", [])
     with pytest.raises(ConfigError, match=r"niah\.trials"):
         load_config("drope_tiny", ["eval.niah.trials=0"])

@@ -3,8 +3,9 @@ text, retrieved by greedy decoding or scored by teacher forcing.
 
 Tasks: `standard` (one needle at a swept depth, the score averaged over depths), `multi_key` (four needles with
 distinct keys, one asked), `multi_query` (four needles, two keys asked, values answered in the order asked) and
-`multi_value` (four values under one key, all asked). The needle lines and questions follow the default corpus's
-look-up format (data_pipelines/corpus_math.py), which a model trained on it has seen at short lengths.
+`multi_value` (four values under one key, all asked). The needle lines and questions are drawn with the look-up text
+of data_pipelines/corpus_math.py; the synthetic look-up documents (data_pipelines/corpus_lookup.py) teach them at the
+training length.
 
 Two levels: `needle_task` draws the text of a task (needle lines, question, expected values) from an rng and knows
 nothing of tokens; `prompt_text` lays a task out in prose (needles as lines, then the question), the layout of the
@@ -162,7 +163,7 @@ def generate_greedy(
 
 
 # Lines in the needles' or the question's format: a haystack (or training filler) holding them would plant
-# distractors (the math source's look-up exercises use the same format).
+# distractors.
 LOOKUP_LIKE = re.compile(r"\bkey: .*\bvalue: |Question:|Answer:")
 
 

@@ -5,24 +5,28 @@
 #
 #   ../shared/tools/device-wheels.sh .venv/bin/python .whl   # here, first: the wheels the device image lacks
 #   bash benchmarks/gpu_check.sh                              # there, from the repo root, with .whl/ carried
+#   bash benchmarks/gpu_check.sh drope                        # there: the drope_gpu experiment alone (~8 min)
 #   bash benchmarks/gpu_check.sh --cpu-smoke                  # on CPU (CI): every step as far as a CPU allows
 #
-# RESULTS is $OUT when set (the device tool brings $OUT back), else benchmarks/results. --cpu-smoke installs the
-# project the same way, collects the GPU tests (they skip without CUDA) and checks that both benchmarks start
-# (--help), so that the first GPU call does not fail on the plumbing. Exits 1 if a step failed, 2 on bad usage.
+# RESULTS is $OUT when set (the device tool brings $OUT back), else benchmarks/results. `drope` runs
+# configs/experiment/drope_gpu.yaml, its report and arm logs into RESULTS/drope_gpu-<device>-<date>/ (its own call: it
+# does not fit beside the rest in one task's device time). --cpu-smoke installs the project the same way, collects
+# the GPU tests (they skip without CUDA), checks that both benchmarks start (--help) and runs drope_gpu at a tiny
+# size, so that the first GPU call does not fail on the plumbing. Exits 1 if a step failed, 2 on bad usage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode=gpu
 case "${1:-}" in
   --cpu-smoke) mode=cpu-smoke ;;
+  drope) mode=drope ;;
   "") ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--cpu-smoke]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [drope | --cpu-smoke]" >&2; exit 2 ;;
 esac
 python=${PYTHON:-python3}
 
 device=$("$python" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')
-if [[ $mode == gpu && $device == cpu ]]; then
+if [[ $mode != cpu-smoke && $device == cpu ]]; then
   echo "no CUDA device here; run with --cpu-smoke on CPU" >&2
   exit 2
 fi
@@ -39,7 +43,9 @@ fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 slug=$(printf '%s' "$device" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
 today=$(date -u +%F)
-results="${OUT:-benchmarks/results}/$slug-$today"
+prefix=""
+[[ $mode == drope ]] && prefix=drope_gpu-
+results="${OUT:-benchmarks/results}/$prefix$slug-$today"
 mkdir -p "$results"
 commit=$(git rev-parse --short HEAD 2> /dev/null || echo unknown)
 {
@@ -65,6 +71,22 @@ step() {
   tail -n 3 "$results/$name.log"
 }
 
+# The DroPE comparison at the GPU profile's size, or (smoke) at a tiny one: same corpus build, arms and report.
+drope_gpu() {
+  local size=()
+  if [[ $mode == cpu-smoke ]]; then
+    size=(params.layers=2 params.hidden=64 params.heads=2 params.kv_heads=1 params.mlp=128 params.steps=8
+      params.drope_step=7 params.batch=4 params.micro_batch=4 params.precision=fp32 params.log_every=4
+      params.checkpoint_every=4 corpus.seq_len=128 corpus.vocab_size=1024 corpus.max_mb_per_source=0.25
+      corpus.lookup_documents=40 corpus.lookup_tasks=[standard] threads_per_arm=1 eval.factors=[1,2]
+      eval.perplexity.documents=2 eval.logit_scale.documents=2 eval.niah.trials=2 eval.niah.tasks=[standard]
+      eval.report.paired=[])
+  fi
+  # Checkpoints stay on the machine's disk (gone with $site); the report and the arms' logs come back.
+  "$python" -m nopetrain.experiment drope_gpu "out=$site/drope_gpu" "corpus.path=$site/drope_gpu_corpus" "${size[@]}"
+  cp -r "$site"/drope_gpu/results.* "$site"/drope_gpu/trials.csv "$site"/drope_gpu/*.png "$site"/drope_gpu/logs "$results/"
+}
+
 if [[ $mode == gpu ]]; then
   step gpu_tests "$python" -m pytest -q -m gpu tests
   step qk_norm_rope_bench "$python" benchmarks/bench_qk_norm_rope.py
@@ -73,10 +95,13 @@ if [[ $mode == gpu ]]; then
   for table in benchmarks/results/*-"$slug-$today".md; do
     [[ -e $table ]] && cp "$table" "$results/"
   done
+elif [[ $mode == drope ]]; then
+  step drope_gpu drope_gpu
 else
   step gpu_tests "$python" -m pytest -q -m gpu tests -p no:cacheprovider
   step qk_norm_rope_bench "$python" benchmarks/bench_qk_norm_rope.py --help
   step train_step_bench "$python" benchmarks/bench_train_step.py --help
+  step drope_gpu drope_gpu
 fi
 echo "wrote $results/summary.md"
 exit "$failed"

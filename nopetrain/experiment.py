@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -71,6 +72,9 @@ class ArmConfig:
 class ExperimentConfig:
     name: str = "???"
     out: str = "runs/experiments/${name}"
+    # Values the other keys interpolate (`${params.NAME}`), so that a profile runs at another size with `params.NAME=`
+    # on the command line (the GPU profile's CPU smoke run does).
+    params: dict[str, Any] = field(default_factory=dict)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     # train.py overrides every arm shares.
     train: list[str] = field(default_factory=list)

@@ -19,6 +19,7 @@ LONGEST_FIRST = (
     "test_chaos.py",  # 170
     "test_curriculum_runs.py",  # 150
     "test_train_on_shards.py",  # 95
+    "test_gpu_check.py",  # 90: the GPU profile's tiny experiment
 )
 
 

@@ -23,9 +23,13 @@ def test_cpu_smoke_runs_every_step_and_writes_a_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [summary_file] = tmp_path.glob("*/summary.md")
     results, summary = summary_file.parent, summary_file.read_text()
-    for name in ("gpu_tests", "qk_norm_rope_bench", "train_step_bench"):
+    for name in ("gpu_tests", "qk_norm_rope_bench", "train_step_bench", "drope_gpu"):
         assert f"| {name} | ok |" in summary, summary
     assert "skipped" in (results / "gpu_tests.log").read_text()
+    # The GPU profile at a tiny size: three arms trained, evaluated, the report and the arms' logs brought back.
+    report = (results / "results.md").read_text()
+    assert "rope standard NIAH at 1x" in report and "| drope | logit_scale |" in report, report[:2000]
+    assert sorted(path.name for path in (results / "logs").iterdir()) == ["drope.log", "nope.log", "rope.log"]
     assert not list(tmp_path.glob("nopetrain-site.*")), "the install folder is left behind"
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
     if shellcheck:

@@ -76,9 +76,11 @@ def tokenizer_lookup_text(seed: int, max_bytes: int = TOKENIZER_LOOKUP_BYTES) ->
     text its needles and questions are made of."""
     rng = random.Random(f"tokenizer-lookup-{seed}")
     texts: list[str] = []
-    while sum(map(len, texts)) < max_bytes:
+    size = 0
+    while size < max_bytes:
         task = needle_task(rng, rng.choice(NIAH_TASKS))
         texts.append("\n".join([*task.needles, f"{task.question} {task.answer_text}"]))
+        size += len(texts[-1])
     return texts
 
 

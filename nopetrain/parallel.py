@@ -167,7 +167,7 @@ def destroy_process_group(env: DistEnv) -> None:
     own call, so that it also forgets the groups it derived from this one and a later run in the process (a local
     Hydra sweep) starts afresh. It does not close the group's connections while the engine still holds the group:
     a rank that failed alone closes them by exiting, which ends the collective its peers wait in (see
-    `exits.FailureRecord`)."""
+    `ownership.FailureRecord`)."""
     if env.owns_group and dist.is_initialized():
         deepspeed.comm.destroy_process_group()
 

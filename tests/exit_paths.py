@@ -1,11 +1,8 @@
-"""Runs train.py's run() TIMES times in this one process, as rank RANK of WORLD, and prints the exit code of each
-as a JSON list on the last line of stdout, or the code and "group left" where a way out left the process group
-behind (whose gloo threads, left to the interpreter's teardown, abort the process at exit now and then).
+"""Runs train.py's run() TIMES times in this one process, in a world of one, and prints the exit code of each as a
+JSON list on the last line of stdout, or the code and "group left" where a way out left the process group behind
+(whose gloo threads, left to the interpreter's teardown, abort the process at exit now and then).
 
-    python tests/exit_paths.py TIMES RANK WORLD PORT [train.py overrides ...]
-
-Repetition k of a world of several uses port PORT + k, so that a rank that ends a repetition early cannot join the
-previous one's store.
+    python tests/exit_paths.py TIMES [train.py overrides ...]
 """
 
 from __future__ import annotations
@@ -21,20 +18,17 @@ sys.path.insert(0, str(REPO))
 import torch.distributed as dist  # noqa: E402
 
 import train  # noqa: E402  (train.py is a script at the root, not a module of the package)
+from nopetrain.parallel import free_port  # noqa: E402
 from tests.helpers import composed  # noqa: E402
 
 
 def main() -> None:
-    times, rank, world, port = (int(arg) for arg in sys.argv[1:5])
-    overrides = sys.argv[5:]
+    times, overrides = int(sys.argv[1]), sys.argv[2:]
     codes = []
-    for repetition in range(times):
+    for _ in range(times):
+        # A port of its own each time: a group's store may outlive it for a moment.
         os.environ.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port + repetition),
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
         code = 0
         try:

@@ -22,15 +22,10 @@ BATCH = ("global_batch_size=8", "micro_batch_size=4", "seq_len=64")
 ERROR = "nopetrain: error: "
 
 
-def repeat_command(run_dir: Path, *overrides: str, times: int = REPEAT, rank: int = 0, world: int = 1, port: int = 0):
-    """tests/exit_paths.py: train.py's run() on train_command's config, `times` times in one process."""
-    driver = [sys.executable, str(REPO / "tests" / "exit_paths.py"), str(times), str(rank), str(world), str(port)]
-    return [*driver, *train_command(run_dir, *overrides)[2:]]
-
-
 def run_repeated(run_dir: Path, *overrides: str, times: int = REPEAT) -> tuple[list, list[str]]:
-    """(exit codes, stderr lines) of repeat_command in a world of one."""
-    cmd = repeat_command(run_dir, *overrides, times=times)
+    """tests/exit_paths.py: train.py's run() on train_command's config, `times` times in one process; (exit codes,
+    its stderr lines)."""
+    cmd = [sys.executable, str(REPO / "tests" / "exit_paths.py"), str(times), *train_command(run_dir, *overrides)[2:]]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     return check_clean_end(proc)
 

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--corpus", type=Path, required=True, help="a folder written by build-default")
     lookup.add_argument("--documents", type=int, required=True)
     lookup.add_argument("--seed", type=int, default=0)
+    lookup.add_argument("--value-digits", type=int, default=7, help="digits of each value (the paper's: 7)")
+    lookup.add_argument("--seq-len", type=int, default=None, help="pack at this length (default: the corpus's)")
+    lookup.add_argument("--name", default="lookup", help="the source's name (train/NAME)")
     lookup.add_argument(
         "--tasks", nargs="+", default=None, metavar="TASK", help="NIAH tasks to draw from (default: all four)"
     )
@@ -102,8 +105,10 @@ def _run(args: argparse.Namespace) -> str:
         # Imported here: it needs the evaluation's NIAH layout (nopetrain.eval), which the other commands do not.
         from .corpus_lookup import build_lookup
 
-        manifest = build_lookup(args.corpus, args.documents, args.seed, args.tasks)
-        target = args.corpus / "train" / "lookup"
+        manifest = build_lookup(
+            args.corpus, args.documents, args.seed, args.tasks, args.value_digits, args.seq_len, args.name
+        )
+        target = args.corpus / "train" / args.name
         return f"wrote {target}: {manifest['documents']} documents, {manifest['total_tokens']} tokens"
     corpus = build_default(args.output, args.seq_len, args.vocab_size, args.seed, args.max_mb_per_source, args.workers)
     tokens = sum(split["tokens"] for source in corpus["sources"].values() for split in source.values())

@@ -45,13 +45,15 @@ def _line_start(text: str, offset: int) -> int:
     return found + 1 if found >= 0 else 0
 
 
-def lookup_document(rng: random.Random, task: str, filler: str, encoder: Encoder, max_tokens: int) -> str:
+def lookup_document(
+    rng: random.Random, task: str, filler: str, encoder: Encoder, max_tokens: int, value_digits: int = 7
+) -> str:
     """One document of `task` whose tokens (plus its EOS) fit in `max_tokens`: a line of `filler`, then lines of it
     laid out with the task's needles at random depths and its question exactly as in the evaluation's prompts
     (`niah.prompt_text`, `niah.build_prompt`), then the answer. The filler's length is drawn uniformly up to what
     fits, so that training sees every distance between needle and question up to the context, short ones (which
-    teach the look-up fastest) as often as long ones."""
-    needles = needle_task(rng, task)
+    teach the look-up fastest) as often as long ones. Values have `value_digits` digits."""
+    needles = needle_task(rng, task, value_digits=value_digits)
     depths = [rng.random() for _ in needles.needles]
     answer = f" {needles.answer_text}"
     fixed = len(encoder.encode(["\n" + prompt_text(needles, "", depths) + answer])[0])
@@ -84,35 +86,50 @@ def tokenizer_lookup_text(seed: int, max_bytes: int = TOKENIZER_LOOKUP_BYTES) ->
     return texts
 
 
-def build_lookup(corpus: Path, documents: int, seed: int = 0, tasks: list[str] | None = None) -> dict[str, object]:
-    """Writes `documents` look-up documents of `tasks` (default: every NIAH task), drawn uniformly, into
-    corpus/raw/train/lookup.jsonl and tokenizes them into corpus/train/lookup (a source like the corpus's own, same
-    tokenizer and sequence length); returns the manifest."""
+def build_lookup(
+    corpus: Path,
+    documents: int,
+    seed: int = 0,
+    tasks: list[str] | None = None,
+    value_digits: int = 7,
+    seq_len: int | None = None,
+    name: str = "lookup",
+) -> dict[str, object]:
+    """Writes `documents` look-up documents of `tasks` (default: every NIAH task), drawn uniformly, with values of
+    `value_digits` digits, into corpus/raw/train/NAME.jsonl and tokenizes them into corpus/train/NAME (a source like
+    the corpus's own, same tokenizer, packed at the corpus's sequence length or `seq_len`: a shorter one feeds a
+    curriculum phase at that length); returns the manifest and records the settings as corpus.json's NAME."""
     summary_path = corpus / "corpus.json"
     if not summary_path.is_file():
         raise DataError(f"{summary_path}: no corpus here; build it first (nopetrain-data build-default)")
     if documents <= 0:
         raise DataError(f"--documents={documents} must be positive")
+    if value_digits <= 0:
+        raise DataError(f"--value-digits={value_digits} must be positive")
     tasks = list(tasks or NIAH_TASKS)
     unknown = [task for task in tasks if task not in NIAH_TASKS]
     if unknown:
         raise DataError(f"--tasks has {unknown[0]!r}; choose from {', '.join(NIAH_TASKS)}")
     summary = json.loads(summary_path.read_text())
     tokenizer = str(corpus / summary["tokenizer"]["path"])
-    seq_len = summary["seq_len"]
+    seq_len = seq_len or summary["seq_len"]
     filler = "\n".join(
         line
-        for name in FILLER_SOURCES
-        for record in (corpus / "raw" / "train" / f"{name}.jsonl").read_text().splitlines()
+        for source in FILLER_SOURCES
+        for record in (corpus / "raw" / "train" / f"{source}.jsonl").read_text().splitlines()
         for line in prose_lines(json.loads(record)["text"])
     )
     encoder = load(describe(tokenizer))
-    rng = random.Random(f"lookup-{seed}")
-    texts = [lookup_document(rng, rng.choice(tasks), filler, encoder, seq_len + 1) for _ in range(documents)]
-    raw = corpus / "raw" / "train" / "lookup.jsonl"
+    rng = random.Random(f"{name}-{seed}")
+    texts = [
+        lookup_document(rng, rng.choice(tasks), filler, encoder, seq_len + 1, value_digits) for _ in range(documents)
+    ]
+    raw = corpus / "raw" / "train" / f"{name}.jsonl"
     write_bytes(raw, "".join(json.dumps({"text": text}) + "\n" for text in texts).encode("utf-8"))
-    manifest = tokenize([str(raw)], tokenizer, corpus / "train", "lookup", seq_len, whole_documents=True)
+    manifest = tokenize([str(raw)], tokenizer, corpus / "train", name, seq_len, whole_documents=True)
     # corpus.json says what was added, so that a runner asking for other look-ups can tell.
-    summary["lookup"] = {"documents": documents, "tasks": tasks, "seed": seed}
+    summary[name] = {"documents": documents, "tasks": tasks, "seed": seed, "value_digits": value_digits}
+    if seq_len != summary["seq_len"]:
+        summary[name]["seq_len"] = seq_len
     write_bytes(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
     return manifest

@@ -47,9 +47,9 @@ def lookup_keys(rng: random.Random, count: int) -> list[str]:
     return [f"{ADJECTIVES[code // len(NOUNS)]} {NOUNS[code % len(NOUNS)]}" for code in codes]
 
 
-def lookup_value(rng: random.Random) -> str:
-    """A seven-digit value."""
-    return str(rng.randint(1_000_000, 9_999_999))
+def lookup_value(rng: random.Random, digits: int = 7) -> str:
+    """A value of `digits` digits (the paper's magic numbers have seven)."""
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
 def lookup_line(key: str, value: str) -> str:

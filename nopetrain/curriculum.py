@@ -41,7 +41,8 @@ class Plan:
 
 def _source_weights(cfg: TrainConfig, phase: PhaseConfig, index: int) -> dict[str, float]:
     """Per-source weights: a phase weights groups, and each group's weight is split over its sources in proportion
-    to their own weights, so one curriculum maps onto any data config whose sources name their groups."""
+    to their own weights (evenly where they are all 0: a source kept out of the data's own mixture that a phase
+    names), so one curriculum maps onto any data config whose sources name their groups."""
     sources = cfg.data.sources
     if not phase.weights:
         return {name: source.weight for name, source in sources.items()}
@@ -54,8 +55,8 @@ def _source_weights(cfg: TrainConfig, phase: PhaseConfig, index: int) -> dict[st
             )
     weights = {}
     for name, source in sources.items():
-        group_total = sum(s.weight for n, s in sources.items() if groups[n] == groups[name])
-        share = source.weight / group_total if group_total else 0.0
+        group = [s.weight for n, s in sources.items() if groups[n] == groups[name]]
+        share = source.weight / sum(group) if sum(group) else 1 / len(group)
         weights[name] = phase.weights.get(groups[name], 0.0) * share
     if sources and not any(weight > 0 for weight in weights.values()):
         raise ConfigError(f"curriculum.phases[{index}].weights gives every data source weight 0")

@@ -41,6 +41,7 @@ from nopetrain.eval.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "experiment"
+SHORT_LOOKUP = "lookup_short"
 
 
 @dataclass
@@ -54,6 +55,12 @@ class CorpusConfig:
     lookup_documents: int = 0
     # The NIAH tasks the look-up documents are drawn from, uniformly.
     lookup_tasks: list[str] = field(default_factory=lambda: list(NIAH_TASKS))
+    # Digits of the look-ups' values; the evaluation's NIAH values (eval.niah.value_digits) must have as many.
+    value_digits: int = 7
+    # Look-up documents packed at short_seq_len as source `lookup_short` (train/lookup_short), for a curriculum phase
+    # at that length while the look-up forms (its time grows with the context's length); 0 for none.
+    short_lookup_documents: int = 0
+    short_seq_len: int = 64
     seed: int = 0
 
 
@@ -111,6 +118,11 @@ def load_config(name: str, overrides: list[str]) -> ExperimentConfig:
             raise ConfigError(f"arms.{arm}.from_arm={spec.from_arm!r} must name another arm of {list(cfg.arms)}")
         if spec.from_arm is not None and cfg.arms[spec.from_arm].from_arm is not None:
             raise ConfigError(f"arms.{arm}.from_arm={spec.from_arm!r} starts from another arm itself")
+    if cfg.corpus.lookup_documents and cfg.eval.niah.value_digits != cfg.corpus.value_digits:
+        raise ConfigError(
+            f"eval.niah.value_digits={cfg.eval.niah.value_digits} but the look-ups' values have "
+            f"corpus.value_digits={cfg.corpus.value_digits} digits; set both"
+        )
     cfg.eval.models = {arm: str(arm_dir(cfg, arm)) for arm in cfg.arms}
     validate_eval(cfg.eval)
     return cfg
@@ -133,17 +145,25 @@ def build_corpus(corpus: CorpusConfig) -> None:
                 f"corpus.{key}={getattr(corpus, key)} but {summary_path} was built with {value}; "
                 "set corpus.path to a new folder (or remove this one)"
             )
-    if not corpus.lookup_documents:
-        return
-    wanted = {"documents": corpus.lookup_documents, "tasks": list(corpus.lookup_tasks), "seed": corpus.seed}
-    if "lookup" not in summary:
-        print(f"adding {corpus.lookup_documents} look-up documents ({', '.join(corpus.lookup_tasks)})", flush=True)
-        build_lookup(path, corpus.lookup_documents, corpus.seed, list(corpus.lookup_tasks))
-    elif summary["lookup"] != wanted:
-        raise ConfigError(
-            f"corpus.lookup_documents/lookup_tasks ask for {wanted} but {summary_path} has {summary['lookup']}; "
-            "set corpus.path to a new folder (or remove this one)"
-        )
+    sources = [
+        ("lookup", corpus.lookup_documents, None),
+        (SHORT_LOOKUP, corpus.short_lookup_documents, corpus.short_seq_len),
+    ]
+    for name, documents, seq_len in sources:
+        if not documents:
+            continue
+        wanted = {"documents": documents, "tasks": list(corpus.lookup_tasks), "seed": corpus.seed}
+        wanted |= {"value_digits": corpus.value_digits, **({"seq_len": seq_len} if seq_len else {})}
+        if name not in summary:
+            where = f" at seq_len {seq_len}" if seq_len else ""
+            print(f"adding {documents} look-up documents{where} ({', '.join(corpus.lookup_tasks)})", flush=True)
+            build_lookup(path, documents, corpus.seed, list(corpus.lookup_tasks), corpus.value_digits, seq_len, name)
+        # Corpora built before values had a length setting hold seven-digit values.
+        elif {"value_digits": 7, **summary[name]} != wanted:
+            raise ConfigError(
+                f"corpus.{'short_' if seq_len else ''}lookup_documents/lookup_tasks/value_digits ask for {wanted} but "
+                f"{summary_path} has {summary[name]}; set corpus.path to a new folder (or remove this one)"
+            )
 
 
 def arm_dir(cfg: ExperimentConfig, arm: str) -> Path:

@@ -45,6 +45,19 @@ def test_group_weights_are_split_over_the_sources_of_each_group():
     assert plan.phases[0].weights == pytest.approx({"fineweb": 0.6, "dclm": 0.2, "stack": 0.2})
 
 
+def test_a_phase_can_draw_from_sources_the_datas_own_mixture_leaves_out():
+    # A short-context phase's source has weight 0 in the data config (no other phase draws from it).
+    sources = {
+        "web": SourceConfig(path="x", weight=1.0),
+        "short_a": SourceConfig(path="y", weight=0.0, group="short"),
+        "short_b": SourceConfig(path="z", weight=0.0, group="short"),
+    }
+    phases = [PhaseConfig(name="a", steps=10, weights={"short": 1.0}), PhaseConfig(name="b")]
+    plan = resolve(config(phases, sources=sources), 1)
+    assert plan.phases[0].weights == pytest.approx({"web": 0.0, "short_a": 0.5, "short_b": 0.5})
+    assert plan.phases[1].weights == pytest.approx({"web": 1.0, "short_a": 0.0, "short_b": 0.0})
+
+
 @pytest.mark.parametrize(
     ("drope", "step"),
     [

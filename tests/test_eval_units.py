@@ -18,6 +18,7 @@ import torch
 from nopetrain.config import ConfigError, ModelConfig, validate_model
 from nopetrain.eval import logit_scale, niah
 from nopetrain.eval.config import (
+    NIAH_TASKS,
     EvalConfig,
     GateConfig,
     LogitScaleConfig,
@@ -384,7 +385,18 @@ def test_scoring_is_exact_match_on_seven_digit_values():
     assert niah.score("", ["1234567"]) == 0.0
     assert niah.score(" 1111111, 3333333", ["1111111", "2222222"]) == 0.5
     assert niah.score(" 2222222 and 1111111", ["1111111", "2222222"]) == 1.0
-    assert niah.answered(" 1234567", 1) and not niah.answered(" 12345", 1) and niah.answered(" no\n", 2)
+    asked = ["7654321"]
+    assert niah.answered(" 1234567", asked) and not niah.answered(" 12345", asked)
+    assert niah.answered(" no\n", ["1234567", "7654321"])
+
+
+def test_values_of_another_length_are_drawn_scored_and_complete_at_that_length():
+    for task in NIAH_TASKS:
+        text = niah.needle_task(random.Random(3), task, 4, value_digits=3)
+        assert all(len(value) == 3 and value.isdigit() for value in text.answers)
+        assert all(re.fullmatch(r"key: .+, value: \d{3}", needle) for needle in text.needles)
+    assert niah.score(" 123\n", ["123"]) == 1.0 and niah.score(" 1234", ["123"]) == 0.0
+    assert not niah.answered(" 12", ["123"]) and niah.answered(" 123", ["123"])
 
 
 def niah_row(model: str, method: str, factor: int, successes: int, n: int, **extra) -> dict:

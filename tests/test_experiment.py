@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -169,24 +170,62 @@ def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
 def test_build_lookup_draws_only_the_tasks_asked_for(corpus: Path, tmp_path: Path) -> None:
     copy = tmp_path / "corpus"
     shutil.copytree(corpus, copy)
-    build_lookup(copy, 30, seed=1, tasks=["standard"])
+    build_lookup(copy, 30, seed=1, tasks=["standard"], value_digits=3)
     texts = [json.loads(line)["text"] for line in (copy / "raw" / "train" / "lookup.jsonl").read_text().splitlines()]
     assert len(texts) == 30 and all(text.count("\nkey: ") == 1 for text in texts)
+    # Three-digit values, in the needle and in the answer alike.
+    assert all(re.search(r"value: \d{3}\n", text) and re.search(r"\nAnswer: \d{3}$", text) for text in texts)
     assert json.loads((copy / "corpus.json").read_text())["lookup"] == {
         "documents": 30,
         "tasks": ["standard"],
         "seed": 1,
+        "value_digits": 3,
     }
     with pytest.raises(DataError, match="--tasks has 'no_task'"):
         build_lookup(copy, 30, tasks=["no_task"])
+    with pytest.raises(DataError, match="--value-digits=0"):
+        build_lookup(copy, 30, value_digits=0)
+
+
+def test_short_lookups_are_a_source_of_their_own_packed_at_their_length(corpus: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    manifest = build_lookup(copy, 20, seq_len=160, name="lookup_short")
+    assert manifest["seq_len"] == 160 and (copy / "train" / "lookup_short" / "manifest.json").is_file()
+    summary = json.loads((copy / "corpus.json").read_text())
+    assert summary["lookup_short"]["seq_len"] == 160 and summary["lookup"]["documents"] == 40  # the fixture's stays
+    encoder = load(describe(str(copy / "tokenizer.model")))
+    texts = [
+        json.loads(line)["text"] for line in (copy / "raw" / "train" / "lookup_short.jsonl").read_text().splitlines()
+    ]
+    assert all(len(encoder.encode([text])[0]) + 1 <= 161 for text in texts)
+    # The experiment's corpus check knows the source by its settings.
+    build_corpus(
+        CorpusConfig(
+            path=str(copy),
+            seq_len=SEQ_LEN,
+            vocab_size=1024,
+            lookup_documents=40,
+            lookup_tasks=list(NIAH_TASKS),
+            short_lookup_documents=20,
+            short_seq_len=160,
+            value_digits=7,
+        )
+    )
 
 
 def test_an_experiment_refuses_a_corpus_built_otherwise(corpus: Path) -> None:
     # The fixture's corpus: seq_len 256, vocabulary 1024, 40 look-ups of every task.
     with pytest.raises(ConfigError, match=r"corpus\.seq_len=128 but .*corpus\.json was built with 256"):
         build_corpus(CorpusConfig(path=str(corpus), seq_len=128, vocab_size=1024))
-    with pytest.raises(ConfigError, match=r"corpus\.lookup_documents/lookup_tasks ask for .*'documents': 41"):
+    with pytest.raises(
+        ConfigError, match=r"corpus\.lookup_documents/lookup_tasks/value_digits ask for .*'documents': 41"
+    ):
         build_corpus(CorpusConfig(path=str(corpus), seq_len=SEQ_LEN, vocab_size=1024, lookup_documents=41))
+    with pytest.raises(ConfigError, match=r"value_digits ask for .*'value_digits': 3"):
+        build_corpus(
+            CorpusConfig(path=str(corpus), seq_len=SEQ_LEN, vocab_size=1024, lookup_documents=40, value_digits=3)
+        )
     build_corpus(CorpusConfig(path=str(corpus), seq_len=SEQ_LEN, vocab_size=1024, lookup_documents=40))
 
 
@@ -197,6 +236,8 @@ def test_experiment_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config("no_such_experiment", [])
     with pytest.raises(ConfigError, match=r"niah\.trials"):
         load_config("drope_tiny", ["eval.niah.trials=0"])
+    with pytest.raises(ConfigError, match=r"eval\.niah\.value_digits=7 but .* corpus\.value_digits=3"):
+        load_config("drope_tiny", ["corpus.value_digits=3"])
     with pytest.raises(ConfigError, match=r"arms\.drope\.from_arm='rop' must name another arm"):
         load_config("drope_tiny", ["arms.drope.from_arm=rop"])
     with pytest.raises(ConfigError, match=r"arms\.drope: set from_arm and from_step together"):

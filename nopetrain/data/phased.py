@@ -27,7 +27,14 @@ class PhasedStream:
                 for name, weight in phase.weights.items()
                 if weight > 0
             }
-            sources = {name: source for name, source in cfg.data.sources.items() if name in used}
+            # Each stream starts with the weights of its first phase: a source the data's own mixture leaves out
+            # (weight 0) may be all a phase at this length draws from.
+            first = next(phase for phase in plan.phases if phase.seq_len == seq_len)
+            sources = {
+                name: dataclasses.replace(source, weight=first.weights[name])
+                for name, source in cfg.data.sources.items()
+                if name in used
+            }
             self.sources[seq_len] = list(sources)
             sub_cfg = dataclasses.replace(cfg, seq_len=seq_len, data=dataclasses.replace(cfg.data, sources=sources))
             self.streams[seq_len] = build_stream(sub_cfg, rank, world_size)

@@ -52,6 +52,8 @@ class NiahConfig:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     # Needles of the multi-* tasks (the paper: four), at random positions.
     needles: int = 4
+    # Digits of each value (the paper: seven); a model trained on look-ups is asked values of their length.
+    value_digits: int = 7
     # The held-out sources (folder names among `heldout`) whose prose the haystacks are cut from, lines in the look-up
     # format left out; only their documents that the logit-scale fit does not use (see logit_scale.sources).
     haystack: list[str] = field(default_factory=lambda: ["web"])
@@ -216,7 +218,7 @@ def validate(cfg: EvalConfig) -> None:
     _require(not cfg.niah.enabled or bool(cfg.niah.haystack), "niah.haystack is empty; name a held-out prose source")
     for task in cfg.niah.tasks:
         _require(task in NIAH_TASKS, f"niah.tasks has {task!r}; choose from {NIAH_TASKS}")
-    for key in ("trials", "needles", "max_new_tokens", "batch_size"):
+    for key in ("trials", "needles", "value_digits", "max_new_tokens", "batch_size"):
         value = getattr(cfg.niah, key)
         _require(value > 0, f"niah.{key}={value} must be positive")
     _require(cfg.niah.scoring in NIAH_SCORING, f"niah.scoring={cfg.niah.scoring!r} must be one of {NIAH_SCORING}")

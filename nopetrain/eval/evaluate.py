@@ -219,7 +219,7 @@ def niah_trials(
     trials = []
     for index in range(cfg.niah.trials):
         rng = random.Random(f"{cfg.seed}/{task}/{length}/{index}")
-        text = niah.needle_task(rng, task, cfg.niah.needles)
+        text = niah.needle_task(rng, task, cfg.niah.needles, cfg.niah.value_digits)
         answer = niah.answer_ids(tokenizer.encode, text.question, text.answer_text)
         haystack = niah.haystack_for(haystacks, rng, length, tokenizer.decode)
         # The standard task's trials go round the depths; the others place their needles at random.
@@ -275,7 +275,7 @@ def niah_scores(loaded: LoadedModel, trials: list[Trial], cfg: EvalConfig) -> li
         batch = trials[start : start + cfg.niah.batch_size]
 
         def finished(row: int, output: list[int], batch: list[Trial] = batch) -> bool:
-            return niah.answered(decode(output), len(batch[row].text.answers))
+            return niah.answered(decode(output), batch[row].text.answers)
 
         # A longer output cannot be an exact answer, and decoding without a KV cache is the cost of NIAH.
         budget = min(cfg.niah.max_new_tokens, max(len(trial.answer) for trial in batch) + ANSWER_SLACK)

@@ -1,5 +1,5 @@
-"""Needle-in-a-haystack (DroPE paper, appendix C.2): seven-digit values under two-word keys, hidden in held-out
-text, retrieved by greedy decoding or scored by teacher forcing.
+"""Needle-in-a-haystack (DroPE paper, appendix C.2): seven-digit values (`niah.value_digits`) under two-word keys,
+hidden in held-out text, retrieved by greedy decoding or scored by teacher forcing.
 
 Tasks: `standard` (one needle at a swept depth, the score averaged over depths), `multi_key` (four needles with
 distinct keys, one asked), `multi_query` (four needles, two keys asked, values answered in the order asked) and
@@ -12,16 +12,17 @@ nothing of tokens; `prompt_text` lays a task out in prose (needles as lines, the
 synthetic training documents too (data_pipelines/corpus_lookup.py); `build_prompt` encodes that text once, at an
 exact length, from held-out prose (`haystack_for`), so that a needle or question gets the tokens it gets in training.
 
-Scoring is exact match on the seven-digit numbers in the decoded output: for one expected value, the first number
-the model writes must be it (1 or 0); for several (multi_query, multi_value), the score is the fraction of the
-expected values that appear among the numbers written (per-value recall). Teacher forcing (`teacher_forced_scores`)
-scores a trial 1 when the whole answer, as a training document tokenizes it after the question (`answer_ids`), is
-the model's argmax at every step: what greedy decoding would write first, in one forward pass. A task's success rate
-is the mean score over its trials.
+Scoring is exact match on the numbers of the values' length in the decoded output: for one expected value, the first
+number of that length the model writes must be it (1 or 0); for several (multi_query, multi_value), the score is the
+fraction of the expected values that appear among the numbers written (per-value recall). Teacher forcing
+(`teacher_forced_scores`) scores a trial 1 when the whole answer, as a training document tokenizes it after the question
+(`answer_ids`), is the model's argmax at every step: what greedy decoding would write first, in one forward pass. A
+task's success rate is the mean score over its trials.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable
@@ -37,7 +38,6 @@ MULTI_QUERY_KEYS = 2
 # Prose gathered per haystack, in tokens of prose per token of prompt: enough that the exact-length search never
 # runs out.
 HAYSTACK_MARGIN = 1.2
-_VALUE = re.compile(r"(?<!\d)\d{7}(?!\d)")
 
 
 @dataclass
@@ -52,18 +52,19 @@ class NeedleTask:
         return ", ".join(self.answers)
 
 
-def needle_task(rng: random.Random, task: str, num_needles: int = 4) -> NeedleTask:
-    """The text of one trial of `task` (standard, multi_key, multi_query, multi_value)."""
+def needle_task(rng: random.Random, task: str, num_needles: int = 4, value_digits: int = 7) -> NeedleTask:
+    """The text of one trial of `task` (standard, multi_key, multi_query, multi_value), its values of `value_digits`
+    digits."""
     if task == "standard":
-        key, value = lookup_keys(rng, 1)[0], lookup_value(rng)
+        key, value = lookup_keys(rng, 1)[0], lookup_value(rng, value_digits)
         return NeedleTask(task, [lookup_line(key, value)], lookup_question(key), [value])
     if task == "multi_value":
         key = lookup_keys(rng, 1)[0]
-        values = [lookup_value(rng) for _ in range(num_needles)]
+        values = [lookup_value(rng, value_digits) for _ in range(num_needles)]
         question = f"Question: what are all the values of the key {key}?\nAnswer:"
         return NeedleTask(task, [lookup_line(key, value) for value in values], question, values)
     keys = lookup_keys(rng, num_needles)
-    values = [lookup_value(rng) for _ in keys]
+    values = [lookup_value(rng, value_digits) for _ in keys]
     needles = [lookup_line(key, value) for key, value in zip(keys, values, strict=True)]
     if task == "multi_key":
         asked = rng.randrange(num_needles)
@@ -123,17 +124,24 @@ def build_prompt(
     return ids[-length:]
 
 
+@functools.cache
+def _value_pattern(digits: int) -> re.Pattern[str]:
+    return re.compile(rf"(?<!\d)\d{{{digits}}}(?!\d)")
+
+
 def score(output: str, answers: list[str]) -> float:
-    """1/0 for one expected value (the first seven-digit number written must be it); per-value recall for several."""
-    found = _VALUE.findall(output)
+    """1/0 for one expected value (the first number of its length written must be it); per-value recall for
+    several."""
+    found = _value_pattern(len(answers[0])).findall(output)
     if len(answers) == 1:
         return float(bool(found) and found[0] == answers[0])
     return sum(answer in found for answer in answers) / len(answers)
 
 
-def answered(output: str, count: int) -> bool:
-    """Whether an answer is complete: it holds `count` seven-digit numbers, or its first line has ended."""
-    return len(_VALUE.findall(output)) >= count or "\n" in output.lstrip()
+def answered(output: str, answers: list[str]) -> bool:
+    """Whether an answer is complete: it holds as many numbers of the answers' length as `answers`, or its first
+    line has ended (a number still being written is not yet one of that length)."""
+    return len(_value_pattern(len(answers[0])).findall(output)) >= len(answers) or "\n" in output.lstrip()
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ the scaling baselines) and the same run after DroPE (with the fitted logit scale
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -238,8 +239,14 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_units(run_dir, corp
     ) in [record.getMessage() for record in caplog.records]
     unit = json.loads((resumed / "partial" / "rope" / "none_1x.json").read_text())
     checksums = hashlib.sha256((Path(rope) / "checksums.json").read_bytes()).hexdigest()
-    assert unit["model_identity"] == {"checkpoint": rope, "step": 2, "checksums_sha256": checksums}
+    identity = {"checkpoint": rope, "step": 2, "checksums_sha256": checksums, "train_context": 64}
+    assert unit["model_identity"] == identity
     assert {row["n"] for row in unit["rows"] if row["metric"] == "niah"} == {3}
+    # Another training context puts every unit at other lengths: none is reused.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nopetrain.eval"):
+        evaluate(dataclasses.replace(config(resumed, {"rope": rope}, trials=3), train_context=32))
+    assert any(m.startswith("rope: 0 of 4 units reused") for m in [r.getMessage() for r in caplog.records])
 
 
 def test_a_copying_model_scores_100_percent_through_the_real_tokenizer(corpus):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nopetrain.config import ConfigError, ModelConfig, validate_model
-from nopetrain.eval import logit_scale, niah
+from nopetrain.eval import logit_scale, models, niah
 from nopetrain.eval.config import (
     NIAH_TASKS,
     EvalConfig,
@@ -621,3 +621,11 @@ def test_every_plotted_series_has_its_own_colour_marker_and_line():
     looks = {(str(s["color"]), s["linestyle"], s["marker"]) for s in styles.values()}
     assert len(looks) == len(series)
     assert styles[("nope", "none")]["marker"] != styles[("nope", "logit_scale")]["marker"]
+
+
+def test_the_trained_context_is_the_length_the_run_ended_at():
+    short_first = {"seq_len": 128, "curriculum": {"phases": [{"name": "short", "seq_len": 64}, {"name": "main"}]}}
+    assert models.trained_context(short_first) == 128
+    long_last = {"seq_len": 128, "curriculum": {"phases": [{"name": "main"}, {"name": "long", "seq_len": 512}]}}
+    assert models.trained_context(long_last) == 512
+    assert models.trained_context({"seq_len": 256, "curriculum": {"phases": []}}) == 256

@@ -37,7 +37,9 @@ class LoadedModel:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {"checkpoint": self.path, "step": self.step, "checksums_sha256": self.checksums_sha256}
+        # The context sets every length a unit is scored at, so a unit computed at another one is not reused.
+        identity = {"checkpoint": self.path, "step": self.step, "checksums_sha256": self.checksums_sha256}
+        return identity | {"train_context": self.train_context}
 
 
 def _tokenizer(path: Path, source: str) -> tuple[Encoder, int]:
@@ -59,9 +61,10 @@ def _checkpoint_dir(path: Path) -> Path:
 
 
 def trained_context(run_config: dict) -> int:
-    """The run's seq_len, or its last phase's where a phase sets one."""
-    phase_lengths = [phase.get("seq_len") for phase in run_config.get("curriculum", {}).get("phases", [])]
-    return next((length for length in reversed(phase_lengths) if length), run_config["seq_len"])
+    """The length the run ended at: its last phase's seq_len, which is the run's where that phase sets none (an earlier
+    short phase does not make the context short)."""
+    phases = run_config.get("curriculum", {}).get("phases", [])
+    return (phases[-1].get("seq_len") if phases else None) or run_config["seq_len"]
 
 
 def _load_ours(name: str, path: Path) -> LoadedModel:

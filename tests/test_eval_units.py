@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nopetrain.config import ConfigError, ModelConfig, validate_model
-from nopetrain.eval import logit_scale, models, niah
+from nopetrain.eval import logit_scale, models, niah, partial
 from nopetrain.eval.config import (
     NIAH_TASKS,
     EvalConfig,
@@ -303,6 +303,9 @@ def test_needle_task_text(task, needles, answers):
         key = line.removeprefix("key: ").split(",")[0]
         # Unquoted, after a space, as in the needle line (so its words tokenize alike in both).
         assert len(key.split()) == 2 and re.search(rf" {key}( and|\?)", text.question)
+    assert sorted(answer for i in text.asked for answer in text.answers if text.needles[i].endswith(answer)) == sorted(
+        text.answers
+    )  # the asked needles hold the expected values
     if task == "multi_value":
         assert len({line.split(",")[0] for line in text.needles}) == 1
     else:
@@ -334,6 +337,16 @@ def test_build_prompt_puts_needles_at_their_depths_and_has_the_exact_length():
         niah.build_prompt(text, haystack, depths, 100, char_encode)
     with pytest.raises(ValueError, match="too short for a prompt of 9000"):
         niah.build_prompt(text, haystack, depths, 9000, char_encode)
+
+
+def test_needle_start_is_the_token_where_the_needle_begins():
+    text = niah.needle_task(random.Random(2), "standard")
+    haystack = "\n".join(f"line {i:02d} of the haystack goes on here." for i in range(40))
+    prompt = niah.build_prompt(text, haystack, [0.5], 700, char_encode)
+    decoded = bytes(prompt).decode()
+    assert niah.needle_start(prompt, text.needles[0], lambda ids: bytes(ids).decode()) == decoded.index(text.needles[0])
+    with pytest.raises(ValueError, match="does not hold the needle 'key: absent'"):
+        niah.needle_start(prompt, "key: absent", lambda ids: bytes(ids).decode())
 
 
 def test_haystacks_are_prose_without_lookup_lines():
@@ -407,12 +420,15 @@ def niah_row(model: str, method: str, factor: int, successes: int, n: int, **ext
     return {**cell, "task": "standard", **rate, "successes": successes, "scoring": "teacher_forced", **extra}
 
 
-def trial_rows(model: str, method: str, factor: int, scores: list[float], prompts: str = "p") -> list[dict]:
+def trial_rows(
+    model: str, method: str, factor: int, scores: list[float], prompts: str = "p", spans: list[int] | None = None
+) -> list[dict]:
     common = {"model": model, "method": method, "context_factor": factor, "context_len": 64 * factor}
-    return [
+    rows = [
         {**common, "metric": TRIAL_METRIC, "task": "standard", "trial": i, "value": v, "prompt_sha256": f"{prompts}{i}"}
         for i, v in enumerate(scores)
     ]
+    return rows if spans is None else [{**row, "needle_span": span} for row, span in zip(rows, spans, strict=True)]
 
 
 def test_report_files(tmp_path):
@@ -458,7 +474,7 @@ def test_report_files(tmp_path):
     assert len(results) == len(rows) - 4 + 1 and "niah_trial" not in files["results.csv"].read_text()
     assert results[0] == ",".join(COLUMNS) and "ci_low,ci_high,interval,n,successes" in results[0]
     trials = files["trials.csv"].read_text().splitlines()
-    assert trials[0] == ",".join(TRIAL_COLUMNS) and trials[1] == "a,none,1,64,standard,0,,p0,,1.0"
+    assert trials[0] == ",".join(TRIAL_COLUMNS) and trials[1] == "a,none,1,64,standard,0,,p0,,,1.0"
 
 
 def report_lines(rows: list[dict], **gate) -> list[str]:
@@ -518,6 +534,26 @@ def test_paired_comparison_is_mcnemar_on_the_same_prompts():
     assert "a trial is right with all" in table
 
 
+def test_standard_niah_is_split_by_needle_span_against_the_trained_context():
+    """A trial is within when its needle-to-answer span fits the trained context (64 here), beyond when it does not;
+    each cell is the rate of its trials with its Wilson interval, n in the column's header."""
+    rows = [niah_row("a", "none", f, 1, 4) for f in (1, 2)]
+    rows += trial_rows("a", "none", 1, [1.0, 1.0, 0.0, 1.0], spans=[64, 40, 20, 10])
+    rows += trial_rows("a", "none", 2, [0.0, 1.0, 1.0, 0.0], spans=[128, 65, 64, 10])
+    rows += trial_rows("b", "yarn", 2, [1.0, 1.0, 1.0, 1.0], spans=[128, 65, 64, 10])
+    lines = report_lines(rows)
+    header = "| model | method | 1x within (n=4) | 2x within (n=2) | 2x beyond (n=2) |"
+    at = lines.index(header)
+    assert lines[at - 4] == "## NIAH standard by needle-to-answer span (success %, 95% Wilson interval)"
+    low, high = wilson(3, 4)
+    assert (
+        lines[at + 2]
+        == f"| a | none | 75.0 [{100 * low:.1f}, {100 * high:.1f}] | 50.0 [9.5, 90.5] | 50.0 [9.5, 90.5] |"
+    )
+    assert lines[at + 3].startswith("| b | yarn | - | 100.0 [34.2, 100.0] | 100.0 [34.2, 100.0] |")
+    assert "## NIAH standard by needle" not in "\n".join(report_lines(rows[:2]))  # no spans, no section
+
+
 def test_a_rate_has_a_wilson_interval_when_scores_are_0_or_1_else_a_bootstrap():
     binary = rate([1.0, 0.0, 1.0, 1.0], seed=0)
     assert binary == {"value": 0.75, "ci_low": wilson(3, 4)[0], "ci_high": wilson(3, 4)[1], "interval": "wilson"} | {
@@ -575,7 +611,7 @@ def test_progress_estimates_the_time_left_by_length_factor():
     assert progress.computed(units[2], 70.0) == "3/3 units done, ~0.0 min left"
 
 
-def test_a_units_fingerprint_changes_with_what_its_rows_depend_on():
+def test_a_units_fingerprint_changes_with_what_its_rows_depend_on(monkeypatch):
     base = EvalConfig(models={"a": "runs/a"}, out="o")
     model = {"checkpoint": "runs/a/checkpoints/step_00000008", "step": 8, "checksums_sha256": "ab"}
     same = fingerprint(base, model, None)
@@ -593,6 +629,8 @@ def test_a_units_fingerprint_changes_with_what_its_rows_depend_on():
     # Another step, or the same step trained again in place (other weights, so other checksums).
     for changed in ({"step": 10}, {"checksums_sha256": "cd"}):
         assert fingerprint(base, {**model, **changed}, None) != same
+    monkeypatch.setattr(partial, "ROWS_SCHEMA", partial.ROWS_SCHEMA + 1)  # rows of another schema
+    assert fingerprint(base, model, None) != same
 
 
 def test_unit_files_round_trip_rows_and_an_unreadable_one_matches_no_fingerprint(tmp_path):

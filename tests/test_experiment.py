@@ -135,6 +135,25 @@ def test_at_1x_every_answer_position_is_inside_the_training_context(corpus: Path
         assert len(trial.prompt) + len(trial.answer) == SEQ_LEN
 
 
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_a_trials_needle_span_starts_at_its_farthest_asked_needle(corpus: Path, task: str) -> None:
+    """needle_span counts the tokens from the first of the farthest needle that holds an asked value to the answer's
+    last: the tokens from there on hold every asked needle, one token fewer does not; at 2x, a needle at depth 0
+    lies beyond the training context and one at depth 1 within it."""
+    encoder = load(describe(str(corpus / "tokenizer.model")))
+    haystacks, _ = read_documents(str(corpus / "heldout" / "web"), 1024)
+    length = 2 * SEQ_LEN
+    trials = niah_trials(encoder, haystacks, task, length, EvalConfig(niah=NiahConfig(trials=10)))
+    for trial in trials:
+        start = length - trial.needle_span
+        asked = [trial.text.needles[i] for i in trial.text.asked]
+        assert all(needle in encoder.decode(trial.prompt[start:].tolist()) for needle in asked)
+        assert not all(needle in encoder.decode(trial.prompt[start + 1 :].tolist()) for needle in asked)
+    if task == "standard":
+        assert all(trial.needle_span > SEQ_LEN for trial in trials if trial.depth == 0.0)
+        assert all(trial.needle_span < SEQ_LEN for trial in trials if trial.depth == 1.0)
+
+
 def test_build_lookup_writes_a_source_of_whole_documents(corpus: Path) -> None:
     documents, tokenizer = read_documents(str(corpus / "train" / "lookup"), 1024)
     raw = (corpus / "raw" / "train" / "lookup.jsonl").read_text().splitlines()

@@ -207,6 +207,9 @@ class Trial:
     answer: list[int]
     # Names the prompt in trials.csv, so that "the same prompts for every arm" can be checked there.
     prompt_sha256: str
+    # Tokens from the first of the farthest asked needle to the answer's last: the span the look-up reaches over,
+    # within the trained context or beyond it (the report splits the standard task's success by it).
+    needle_span: int
 
 
 def niah_trials(
@@ -226,10 +229,13 @@ def niah_trials(
         depth = cfg.niah.depths[index % len(cfg.niah.depths)] if task == "standard" else None
         depths = [depth] if depth is not None else [rng.random() for _ in text.needles]
         prompt_length = length - len(answer)
-        prompt = np.asarray(niah.build_prompt(text, haystack, depths, prompt_length, tokenizer.encode), dtype=np.int32)
-        if not niah.ends_like_question(prompt.tolist(), text.question, tokenizer.encode, tokenizer.decode):
+        ids = niah.build_prompt(text, haystack, depths, prompt_length, tokenizer.encode)
+        if not niah.ends_like_question(ids, text.question, tokenizer.encode, tokenizer.decode):
             raise ValueError("the prompt's last tokens are not the question's as it encodes alone")
-        trials.append(Trial(depth, text, prompt, answer, hashlib.sha256(prompt.tobytes()).hexdigest()[:16]))
+        first = min(niah.needle_start(ids, text.needles[i], tokenizer.decode) for i in text.asked)
+        prompt = np.asarray(ids, dtype=np.int32)
+        sha256 = hashlib.sha256(prompt.tobytes()).hexdigest()[:16]
+        trials.append(Trial(depth, text, prompt, answer, sha256, length - first))
     return trials
 
 
@@ -323,7 +329,7 @@ def niah_rows(
                 rows.append({**common, "depth": depth, **rate(at_depth, cfg.seed)})
         for index, (trial, score) in enumerate(zip(trials, scores, strict=True)):
             trial_row = {"metric": TRIAL_METRIC, "trial": index, "depth": trial.depth, "value": score}
-            rows.append({**common, **trial_row, "prompt_sha256": trial.prompt_sha256})
+            rows.append({**common, **trial_row, "prompt_sha256": trial.prompt_sha256, "needle_span": trial.needle_span})
     return rows
 
 
@@ -439,9 +445,10 @@ def evaluate(cfg: EvalConfig) -> list[Row]:
     trials), successes (NIAH trials scored 1), tokens (ppl and the fit), scoring (NIAH: greedy or teacher_forced),
     and where they apply position (first position of a ppl bucket), task and depth (NIAH; rows without depth are the
     task's mean), trial and prompt_sha256 (a trial's index and prompt, the same for every model and method with the
-    same tokenizer), source and boundary (the fit: its held-out sources and "low"/"high" for an optimum at an end of
-    the search interval). Each model x method x factor unit is kept in OUT/partial/ as it finishes and reused by a
-    later evaluation of the same config and checkpoints (see nopetrain/eval/partial.py)."""
+    same tokenizer) and needle_span (tokens from its farthest asked needle to its answer's end), source and boundary
+    (the fit: its held-out sources and "low"/"high" for an optimum at an end of the search interval). Each model x
+    method x factor unit is kept in OUT/partial/ as it finishes and reused by a later evaluation of the same config
+    and checkpoints (see nopetrain/eval/partial.py)."""
     validate(cfg)
     device = device_for(cfg.device)
     specs = model_specs(cfg)

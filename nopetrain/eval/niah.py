@@ -46,6 +46,7 @@ class NeedleTask:
     needles: list[str]  # the lines to hide, in the order they appear in the haystack
     question: str  # ends with "Answer:"
     answers: list[str]  # the expected values, in the order the answer should give them
+    asked: list[int]  # the needles (indices) that hold the expected values
 
     @property
     def answer_text(self) -> str:
@@ -57,23 +58,24 @@ def needle_task(rng: random.Random, task: str, num_needles: int = 4, value_digit
     digits."""
     if task == "standard":
         key, value = lookup_keys(rng, 1)[0], lookup_value(rng, value_digits)
-        return NeedleTask(task, [lookup_line(key, value)], lookup_question(key), [value])
+        return NeedleTask(task, [lookup_line(key, value)], lookup_question(key), [value], [0])
     if task == "multi_value":
         key = lookup_keys(rng, 1)[0]
         values = [lookup_value(rng, value_digits) for _ in range(num_needles)]
         question = f"Question: what are all the values of the key {key}?\nAnswer:"
-        return NeedleTask(task, [lookup_line(key, value) for value in values], question, values)
+        needles = [lookup_line(key, value) for value in values]
+        return NeedleTask(task, needles, question, values, list(range(num_needles)))
     keys = lookup_keys(rng, num_needles)
     values = [lookup_value(rng, value_digits) for _ in keys]
     needles = [lookup_line(key, value) for key, value in zip(keys, values, strict=True)]
     if task == "multi_key":
         asked = rng.randrange(num_needles)
-        return NeedleTask(task, needles, lookup_question(keys[asked]), [values[asked]])
+        return NeedleTask(task, needles, lookup_question(keys[asked]), [values[asked]], [asked])
     if task == "multi_query":
         asked = rng.sample(range(num_needles), min(MULTI_QUERY_KEYS, num_needles))
         names = " and ".join(keys[i] for i in asked)
         question = f"Question: what are the values of the keys {names}?\nAnswer:"
-        return NeedleTask(task, needles, question, [values[i] for i in asked])
+        return NeedleTask(task, needles, question, [values[i] for i in asked], asked)
     raise ValueError(f"unknown NIAH task {task!r}")
 
 
@@ -122,6 +124,21 @@ def build_prompt(
     if len(ids) < length:
         raise ValueError(f"the haystack ({len(lines)} lines) is too short for a prompt of {length} tokens")
     return ids[-length:]
+
+
+def needle_start(prompt: list[int], needle: str, decode: Callable[[list[int]], str]) -> int:
+    """The index of the prompt's token where `needle` begins: the last start whose suffix still decodes to text that
+    holds the whole needle. Raises ValueError when the prompt does not hold it."""
+    if needle not in decode(prompt):
+        raise ValueError(f"the prompt does not hold the needle {needle!r}")
+    low, high = 0, len(prompt) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if needle in decode(prompt[middle:]):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @functools.cache

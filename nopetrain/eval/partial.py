@@ -24,6 +24,9 @@ FOLDER = "partial"
 # fit c again (the fitted c itself is in the fingerprint), and the device.
 UNIT_FREE_KEYS = ("out", "wandb", "report", "models", "checkpoint", "device")
 UNIT_FREE_SUBKEYS = (("rope_scaling", "methods"), ("logit_scale", "refit"))
+# The rows' schema, raised when a unit's rows gain or change a field, so that units of an older schema are computed
+# again instead of mixed with new ones (2: trial rows carry needle_span).
+ROWS_SCHEMA = 2
 
 
 class Unit(NamedTuple):
@@ -34,13 +37,14 @@ class Unit(NamedTuple):
 
 def fingerprint(cfg: EvalConfig, model: dict[str, Any], coef: float | None) -> str:
     """The sha256 of what a unit's rows depend on: the config but UNIT_FREE_KEYS and UNIT_FREE_SUBKEYS, the model's
-    identity (`LoadedModel.identity`) and the logit-scale c its method applies (None for the other methods)."""
+    identity (`LoadedModel.identity`), the logit-scale c its method applies (None for the other methods) and
+    ROWS_SCHEMA."""
     config = dataclasses.asdict(cfg)
     for key in UNIT_FREE_KEYS:
         del config[key]
     for section, key in UNIT_FREE_SUBKEYS:
         del config[section][key]
-    identity = {"config": config, "model": model, "logit_scale_coef": coef}
+    identity = {"config": config, "model": model, "logit_scale_coef": coef, "rows_schema": ROWS_SCHEMA}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

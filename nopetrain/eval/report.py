@@ -13,7 +13,7 @@ from typing import Any
 
 from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.eval.config import GateConfig, PairedConfig, ReportConfig, split_series
-from nopetrain.eval.stats import mcnemar
+from nopetrain.eval.stats import mcnemar, wilson
 
 COLUMNS = (
     "model",
@@ -48,6 +48,7 @@ TRIAL_COLUMNS = (
     "trial",
     "depth",
     "prompt_sha256",
+    "needle_span",
     "scoring",
     "value",
 )
@@ -178,10 +179,52 @@ def _paired(trials: list[dict[str, Any]], pairs: list[PairedConfig]) -> list[str
     return lines
 
 
+def _by_span(trials: list[dict[str, Any]], task: str = "standard") -> list[str]:
+    """`task`'s success by the span its look-up reaches over (needle_span: from the needle's first token to the
+    answer's last) against the trained context (context_len / context_factor): within it, the needle, question and
+    answer fit in one window of the training length; beyond it, they do not. Empty without spans."""
+    spanned = [row for row in trials if row["task"] == task and row.get("needle_span") not in (None, "")]
+    if not spanned:
+        return []
+    scores: dict[tuple, list[float]] = {}
+    for row in spanned:
+        beyond = int(row["needle_span"]) > row["context_len"] // row["context_factor"]
+        scores.setdefault((row["model"], row["method"], row["context_factor"], beyond), []).append(row["value"])
+    columns = sorted({(factor, beyond) for _, _, factor, beyond in scores})
+    counts = {column: {len(found) for key, found in scores.items() if key[2:] == column} for column in columns}
+    header = [
+        f"{factor}x {'beyond' if beyond else 'within'} (n={'/'.join(map(str, sorted(counts[(factor, beyond)])))})"
+        for factor, beyond in columns
+    ]
+    body = []
+    for model, method in _series(spanned):
+        cells = []
+        for column in columns:
+            found = scores.get((model, method, *column))
+            if not found:
+                cells.append("-")
+                continue
+            right = sum(score == 1.0 for score in found)
+            low, high = wilson(right, len(found))
+            cells.append(f"{100 * right / len(found):.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+        body.append([model, method, *cells])
+    trained = sorted({row["context_len"] // row["context_factor"] for row in spanned})
+    return [
+        f"## NIAH {task} by needle-to-answer span (success %, 95% Wilson interval)",
+        "",
+        f"Within: the needle, question and answer fit in {'/'.join(map(str, trained))} tokens, the trained context; "
+        "beyond: the look-up reaches farther back than any training window.",
+        "",
+        *_table(["model", "method", *header], body),
+        "",
+    ]
+
+
 def markdown(rows: list[dict[str, Any]], report: ReportConfig | None = None) -> str:
     """The gate's verdict first (report.gate), then perplexity by length (with its bootstrap interval and the
     documents and tokens behind it), per NIAH task the success rate (%) with its interval by length, one line per
-    model and method, the paired comparisons (report.paired) and the fitted logit scales."""
+    model and method, the standard task's success by needle-to-answer span (within or beyond the trained context),
+    the paired comparisons (report.paired) and the fitted logit scales."""
     report = report or ReportConfig()
     fits = [row for row in rows if row["metric"] == FIT_METRIC]
     trials = [row for row in rows if row["metric"] == TRIAL_METRIC]
@@ -214,6 +257,7 @@ def markdown(rows: list[dict[str, Any]], report: ReportConfig | None = None) -> 
             out += [f"## {title}", "", *_table(header, body), ""]
             if metric == "ppl":
                 out += [*_perplexity_support(ppl), ""]
+    out += _by_span(trials)
     if report.paired:
         out += ["## Paired comparison (McNemar, same prompts)", "", *_paired(trials, report.paired), ""]
     if fits:

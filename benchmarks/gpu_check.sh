@@ -31,16 +31,18 @@ if [[ $mode != cpu-smoke && $device == cpu ]]; then
   exit 2
 fi
 
-site=$(mktemp -d "${TMPDIR:-/tmp}/nopetrain-site.XXXXXX")
-trap 'rm -rf "$site"' EXIT
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/nopetrain-scratch.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
 
-# The carried wheels, then the project itself (its kernels/, data_pipelines/ and launch/ folders install under the
-# nopetrain namespace, which a bare PYTHONPATH would not give); offline, no dependency resolution.
+# The carried wheels, then the project itself, editable as `make` and the Dockerfile install it, into the
+# interpreter's own environment (the device machine is bare and given back after the call); offline, no dependency
+# resolution. Editable because every step runs from the repository root, whose nopetrain/ comes first on sys.path:
+# beside a plain install that copy would be imported, and its kernels/, data_pipelines/ and launch/ folders, which
+# install under the nopetrain namespace, would not be found (tests/test_gpu_check.py runs this in such an environment).
 if compgen -G ".whl/*.whl" > /dev/null; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+  "$python" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
 fi
-"$python" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" .
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+"$python" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 slug=$(printf '%s' "$device" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
 today=$(date -u +%F)
 prefix=""
@@ -82,9 +84,10 @@ drope_gpu() {
       eval.perplexity.documents=2 eval.logit_scale.documents=2 eval.niah.trials=2 eval.niah.tasks=[standard]
       eval.report.paired=[])
   fi
-  # Checkpoints stay on the machine's disk (gone with $site); the report and the arms' logs come back.
-  "$python" -m nopetrain.experiment drope_gpu "out=$site/drope_gpu" "corpus.path=$site/drope_gpu_corpus" "${size[@]}"
-  cp -r "$site"/drope_gpu/results.* "$site"/drope_gpu/trials.csv "$site"/drope_gpu/*.png "$site"/drope_gpu/logs "$results/"
+  # Checkpoints stay on the machine's disk (gone with $scratch); the report and the arms' logs come back.
+  "$python" -m nopetrain.experiment drope_gpu "out=$scratch/drope_gpu" "corpus.path=$scratch/drope_gpu_corpus" "${size[@]}"
+  cp -r "$scratch"/drope_gpu/results.* "$scratch"/drope_gpu/trials.csv "$scratch"/drope_gpu/*.png "$scratch"/drope_gpu/logs \
+    "$results/"
 }
 
 if [[ $mode == gpu ]]; then

@@ -186,6 +186,21 @@ def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
     assert len(set(final.values())) == 1, final
 
 
+@pytest.mark.parametrize("name", sorted(path.stem for path in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_profile_composes_and_its_drope_arms_start_at_their_drop(name: str) -> None:
+    """Each committed profile loads on its schema, every arm's train.py config composes and resolves, and an arm
+    that starts from another's checkpoint starts at its own drop: train.py would refuse any other step, hours into
+    a run."""
+    register_configs()
+    experiment = load_config(name, [])
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        for arm, spec in experiment.arms.items():
+            cfg = OmegaConf.to_object(compose("train", overrides=[*experiment.train, *spec.overrides]))
+            plan = resolve(cfg, world_size=1)
+            if spec.from_arm is not None:
+                assert plan.drope_step == spec.from_step, (arm, plan.drope_step, spec.from_step)
+
+
 def test_build_lookup_draws_only_the_tasks_asked_for(corpus: Path, tmp_path: Path) -> None:
     copy = tmp_path / "corpus"
     shutil.copytree(corpus, copy)

@@ -18,8 +18,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nopetrain.config import ConfigError, register_configs
-from nopetrain.curriculum import learning_rate, resolve
+from nopetrain.config import ConfigError, TrainConfig, register_configs
+from nopetrain.curriculum import Plan, learning_rate, resolve
 from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines.corpus_lookup import build_lookup, lookup_document
 from nopetrain.data_pipelines.encoders import Encoder, describe, load
@@ -27,7 +27,7 @@ from nopetrain.data_pipelines.errors import DataError
 from nopetrain.eval import niah
 from nopetrain.eval.config import NIAH_TASKS, EvalConfig, NiahConfig
 from nopetrain.eval.evaluate import niah_trials
-from nopetrain.experiment import CorpusConfig, build_corpus, load_config
+from nopetrain.experiment import ArmConfig, CorpusConfig, build_corpus, load_config
 
 from .helpers import REPO, losses, subprocess_env
 
@@ -165,24 +165,29 @@ def test_build_lookup_writes_a_source_of_whole_documents(corpus: Path) -> None:
     assert all(len(document) <= SEQ_LEN + 1 for document in documents)
 
 
-def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
-    """The DroPE arm drops RoPE at 87.5% of the steps and recalibrates at 3.3x the pretraining peak (1e-3 against
-    3e-4) with 3.5% warmup (70 of 2K steps); every arm ends at the same learning rate."""
+def composed_arms(name: str) -> Iterator[tuple[str, ArmConfig, TrainConfig, Plan]]:
+    """Each arm of experiment `name`: its spec, its composed train.py config and that config's resolved plan."""
     register_configs()
-    experiment = load_config("drope_tiny", [])
-    final = {}
+    experiment = load_config(name, [])
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         for arm, spec in experiment.arms.items():
             cfg = OmegaConf.to_object(compose("train", overrides=[*experiment.train, *spec.overrides]))
-            plan = resolve(cfg, world_size=1)
-            final[arm] = learning_rate(plan, cfg, plan.total_steps)  # where each schedule ends
-            if arm == "drope":
-                # It trains only its recalibration, from the RoPE arm's checkpoint at the drop.
-                assert (spec.from_arm, spec.from_step) == ("rope", plan.drope_step)
-                recalibration = plan.total_steps - plan.drope_step
-                assert recalibration == pytest.approx(0.125 * plan.total_steps, abs=1)
-                assert cfg.curriculum.drope.lr / cfg.optim.lr == pytest.approx(1e-3 / 3e-4, rel=0.02)
-                assert plan.drope_warmup == pytest.approx(70 / 2000 * recalibration, abs=1)
+            yield arm, spec, cfg, resolve(cfg, world_size=1)
+
+
+def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
+    """The DroPE arm drops RoPE at 87.5% of the steps and recalibrates at 3.3x the pretraining peak (1e-3 against
+    3e-4) with 3.5% warmup (70 of 2K steps); every arm ends at the same learning rate."""
+    final = {}
+    for arm, spec, cfg, plan in composed_arms("drope_tiny"):
+        final[arm] = learning_rate(plan, cfg, plan.total_steps)  # where each schedule ends
+        if arm == "drope":
+            # It trains only its recalibration, from the RoPE arm's checkpoint at the drop.
+            assert (spec.from_arm, spec.from_step) == ("rope", plan.drope_step)
+            recalibration = plan.total_steps - plan.drope_step
+            assert recalibration == pytest.approx(0.125 * plan.total_steps, abs=1)
+            assert cfg.curriculum.drope.lr / cfg.optim.lr == pytest.approx(1e-3 / 3e-4, rel=0.02)
+            assert plan.drope_warmup == pytest.approx(70 / 2000 * recalibration, abs=1)
     assert len(set(final.values())) == 1, final
 
 
@@ -191,14 +196,9 @@ def test_every_profile_composes_and_its_drope_arms_start_at_their_drop(name: str
     """Each committed profile loads on its schema, every arm's train.py config composes and resolves, and an arm
     that starts from another's checkpoint starts at its own drop: train.py would refuse any other step, hours into
     a run."""
-    register_configs()
-    experiment = load_config(name, [])
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        for arm, spec in experiment.arms.items():
-            cfg = OmegaConf.to_object(compose("train", overrides=[*experiment.train, *spec.overrides]))
-            plan = resolve(cfg, world_size=1)
-            if spec.from_arm is not None:
-                assert plan.drope_step == spec.from_step, (arm, plan.drope_step, spec.from_step)
+    for arm, spec, _, plan in composed_arms(name):
+        if spec.from_arm is not None:
+            assert plan.drope_step == spec.from_step, (arm, plan.drope_step, spec.from_step)
 
 
 def test_build_lookup_draws_only_the_tasks_asked_for(corpus: Path, tmp_path: Path) -> None:

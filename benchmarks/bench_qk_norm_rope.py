@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import subprocess
 import sys
@@ -59,15 +60,22 @@ EPS = 1e-6
 
 
 def git_commit() -> str:
-    """Short commit of the checkout, with -dirty when it has uncommitted changes."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return (head.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+    """Short commit of the checkout, with -dirty when it has uncommitted changes: NOPETRAIN_COMMIT where set
+    (gpu_check.sh reads it without git, which a bare GPU image may lack), else git's, else "unknown"."""
+    if os.environ.get("NOPETRAIN_COMMIT"):
+        return os.environ["NOPETRAIN_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+    except FileNotFoundError:
+        return "unknown"
+    return (head.stdout.strip() or "unknown") + ("-dirty" if status.stdout.strip() else "")
 
 
-def write_results(name: str, header: list[str], table: list[str]) -> Path:
-    """benchmarks/results/<name>-<device>-<date>.md with the device, date, commit and versions above the table."""
-    device = torch.cuda.get_device_name()
+def write_results(name: str, header: list[str], table: list[str], device: str | None = None) -> Path:
+    """benchmarks/results/<name>-<device>-<date>.md with the device (default: the CUDA device), date, commit and
+    versions above the table."""
+    device = device or torch.cuda.get_device_name()
     today = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     path = RESULTS / f"{name}-{slug}-{today}.md"

@@ -232,10 +232,45 @@ class PlanConfig:
     # Processes, one per GPU; null: $WORLD_SIZE when set (torchrun), else 1.
     world_size: int | None = None
     gpus_per_node: int = 8
-    # A device of nopetrain.metrics.PEAK_TFLOPS (H100, H200, A100, ...); peak_tflops, when set, overrides its peak.
+    # A device of nopetrain.metrics.GPUS (H100, H200, A100, ...): its peak and memory; peak_tflops overrides the peak.
     gpu: str = "H100"
+    # Memory of one GPU in GiB for the plan's verdict; null: the table's for plan.gpu.
+    gpu_memory_gib: float | None = None
     # The model FLOPs utilisation the time estimate assumes.
     mfu: float = 0.4
+
+
+AC_MODES = ("none", "full", "selective")
+AC_POLICIES = ("ops", "block")
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    # What autograd keeps for backward. none: every activation; full: only each block's input, the block recomputed
+    # in backward (about one more forward); selective: the blocks `every` picks, recomputed as `policy` says.
+    mode: str = "none"
+    # selective: blocks 0, N, 2N, ... (N = every) are checkpointed; 1 checkpoints all of them.
+    every: int = 1
+    # selective: ops keeps the matmul and attention outputs and recomputes the element-wise rest (norms, SiLU and
+    # its product, the q/k prologue), as torchtitan's op-level selective AC does; block recomputes the block whole.
+    policy: str = "ops"
+
+
+@dataclass
+class LossConfig:
+    # Tokens whose logits exist at once: the LM head and the cross-entropy run chunk by chunk, forward and backward
+    # inside one autograd function (nopetrain.kernels.linear_cross_entropy), so the loss's memory grows with the
+    # chunk, not with micro-batch x vocabulary. 0: the micro-batch's logits at once.
+    chunk_tokens: int = 0
+
+
+@dataclass
+class ProfileConfig:
+    # `steps` steps from step `start` (counted from 1, as the log counts) are recorded by torch's profiler (CPU and
+    # CUDA activity, memory, shapes, stacks) into run.dir/profile/, on a GPU with a CUDA memory snapshot
+    # (nopetrain/profiling.py). 0 steps: off.
+    steps: int = 0
+    start: int = 3
 
 
 @dataclass
@@ -251,6 +286,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     # Print the plan (phases, LR, parameters, FLOPs, memory per GPU, time) and exit: no process group, no data read,
     # nothing written.
     dry_run: bool = False
@@ -274,6 +312,9 @@ class TrainConfig:
     compile: bool = False
     # The fused q/k prologue: auto (Triton kernel on CUDA, PyTorch reference on CPU), triton, or torch.
     kernels: str = "auto"
+    # Deterministic attention backward on a GPU (flash-attn's accumulates with atomics by default): a resumed run then
+    # repeats a straight one bit for bit there as on CPU, at some speed.
+    deterministic: bool = False
 
 
 def _require(condition: bool, message: str) -> None:
@@ -366,6 +407,10 @@ def validate_plan(cfg: PlanConfig, world_size: int) -> None:
     _require(cfg.gpus_per_node > 0, f"plan.gpus_per_node={cfg.gpus_per_node} must be positive")
     _require(0 < cfg.mfu <= 1, f"plan.mfu={cfg.mfu} must be in (0, 1]")
     _require(
+        cfg.gpu_memory_gib is None or cfg.gpu_memory_gib > 0,
+        f"plan.gpu_memory_gib={cfg.gpu_memory_gib} must be positive or null",
+    )
+    _require(
         world_size <= cfg.gpus_per_node or world_size % cfg.gpus_per_node == 0,
         f"plan.world_size={world_size} must fill whole nodes of plan.gpus_per_node={cfg.gpus_per_node}",
     )
@@ -433,6 +478,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             bool(cfg.eval.factors) and all(f >= 1 for f in cfg.eval.factors),
             f"eval.factors={list(cfg.eval.factors)} must be >= 1",
         )
+    ac = cfg.activation_checkpointing
+    _require(ac.mode in AC_MODES, f"activation_checkpointing.mode={ac.mode!r} must be one of {AC_MODES}")
+    _require(ac.every > 0, f"activation_checkpointing.every={ac.every} must be positive")
+    _require(ac.policy in AC_POLICIES, f"activation_checkpointing.policy={ac.policy!r} must be one of {AC_POLICIES}")
+    _require(cfg.loss.chunk_tokens >= 0, f"loss.chunk_tokens={cfg.loss.chunk_tokens} must be >= 0 (0: no chunks)")
+    _require(cfg.profile.steps >= 0, f"profile.steps={cfg.profile.steps} must be >= 0 (0: off)")
+    _require(cfg.profile.start >= 1, f"profile.start={cfg.profile.start} must be >= 1 (steps count from 1)")
     _require(cfg.data.kind in ("shards", "synthetic"), f"data.kind={cfg.data.kind!r} must be shards or synthetic")
     _require(cfg.data.on_error in ("raise", "skip"), f"data.on_error={cfg.data.on_error!r} must be raise or skip")
     _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")

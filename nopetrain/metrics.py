@@ -11,6 +11,7 @@ import logging
 import resource
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +23,39 @@ from nopetrain.data_pipelines.atomic import write_bytes
 
 log = logging.getLogger("nopetrain")
 
-# Dense peak TFLOP/s per device, (bf16, fp32), from the vendors' data sheets; first substring match on the CUDA
-# device name wins, so more specific names come first. `peak_tflops` in the config overrides the table.
-PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
-    ("H100 PCIe", (756.0, 51.0)),
-    ("H100 NVL", (835.0, 60.0)),
-    ("H100", (989.0, 67.0)),
-    ("H200", (989.0, 67.0)),
-    ("GH200", (989.0, 67.0)),
-    ("B200", (2250.0, 80.0)),
-    ("A100", (312.0, 19.5)),
-    ("L40S", (362.0, 91.6)),
-    ("A10G", (70.0, 31.2)),
+
+@dataclass(frozen=True)
+class GpuSpec:
+    bf16_tflops: float  # dense peak, from the vendor's data sheet
+    fp32_tflops: float
+    memory_gib: float  # device memory as the driver reports it (nvidia-smi's total), in GiB
+
+
+# The first entry all of whose words appear in the device's name (any case) wins, so more specific names come first:
+# "A100 40GB" matches "NVIDIA A100-SXM4-40GB", "A100" every other A100. Memory: H100 and H200 as nvidia-smi showed
+# them on the machines lent here (81,559 and 143,771 MiB); the others from the data sheets (GB taken as GiB, as
+# nvidia-smi shows an A100's 40,960 and 81,920 MiB). `peak_tflops` in the config overrides the peak.
+GPUS: list[tuple[str, GpuSpec]] = [
+    ("H100 PCIe", GpuSpec(756.0, 51.0, 79.6)),
+    ("H100 NVL", GpuSpec(835.0, 60.0, 94.0)),
+    ("GH200", GpuSpec(989.0, 67.0, 96.0)),
+    ("H100", GpuSpec(989.0, 67.0, 79.6)),
+    ("H200", GpuSpec(989.0, 67.0, 140.4)),
+    ("B200", GpuSpec(2250.0, 80.0, 180.0)),
+    ("A100 40GB", GpuSpec(312.0, 19.5, 40.0)),
+    ("A100", GpuSpec(312.0, 19.5, 80.0)),
+    ("L40S", GpuSpec(362.0, 91.6, 48.0)),
+    ("A10G", GpuSpec(70.0, 31.2, 24.0)),
 ]
+
+
+def gpu_spec(name: str) -> GpuSpec | None:
+    """The GPUS entry for a device `name` (a CUDA device name or plan.gpu), or None."""
+    words = name.lower()
+    for key, spec in GPUS:
+        if all(word in words for word in key.lower().split()):
+            return spec
+    return None
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -53,11 +74,11 @@ def peak_tflops(device: torch.device, bf16: bool, override: float | None) -> flo
 
 
 def named_peak_tflops(name: str, bf16: bool) -> float | None:
-    """Peak dense TFLOP/s of the first PEAK_TFLOPS entry found in the device `name` (any case), or None."""
-    for key, (bf16_peak, fp32_peak) in PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            return bf16_peak if bf16 else fp32_peak
-    return None
+    """Peak dense TFLOP/s of the GPUS entry for device `name`, or None."""
+    spec = gpu_spec(name)
+    if spec is None:
+        return None
+    return spec.bf16_tflops if bf16 else spec.fp32_tflops
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nopetrain.config import ModelConfig
+from nopetrain.activation_checkpointing import checkpointed_blocks, run_checkpointed
+from nopetrain.config import ActivationCheckpointingConfig, ModelConfig
 from nopetrain.eval.rope_scaling import RopeScaling, inverse_frequencies, logit_factor
 from nopetrain.kernels import DocumentSegments, attention, qk_norm_rope, rms_norm
+from nopetrain.kernels.linear_cross_entropy import linear_cross_entropy
 
 
 class Linear(nn.Linear):
@@ -116,21 +118,25 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        qk_norm: str,
         logit_scale: float,
         segments: DocumentSegments | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """`rope`: the cos/sin tables, None on a NoPE layer; `qk_norm`: which of q and k are normed. Both are this
+        module's `use_rope` and `qk_norm`, read by the caller: a block recomputed in backward (activation
+        checkpointing) gets them again as arguments, the values of its forward."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        cos, sin = rope if self.use_rope else (None, None)
+        cos, sin = rope if rope is not None else (None, None)
         q, k = qk_norm_rope(
             q,
             k,
-            self.q_norm_weight if self.qk_norm in ("qk", "q") else None,
-            self.k_norm_weight if self.qk_norm == "qk" else None,
+            self.q_norm_weight if qk_norm in ("qk", "q") else None,
+            self.k_norm_weight if qk_norm == "qk" else None,
             cos,
             sin,
             logit_scale,
@@ -139,7 +145,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.extend(self.index, k, v)
         # The window belongs to the RoPE layers (RNoPE-SWA); NoPE layers, and every layer after DroPE, are global.
-        window = self.sliding_window if self.use_rope else None
+        window = self.sliding_window if rope is not None else None
         out = attention(q, k, v, window, segments)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
@@ -166,27 +172,55 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        qk_norm: str,
         logit_scale: float,
         segments: DocumentSegments | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, logit_scale, segments, cache)
+        x = x + self.attn(self.attn_norm(x), rope, qk_norm, logit_scale, segments, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LMHead(Linear):
+    """The output projection; given labels, it returns the mean cross-entropy instead of the logits, in chunks of
+    `chunk_tokens` tokens when that is set (kernels.linear_cross_entropy). The loss is taken inside this module's
+    forward so that ZeRO-3, which gathers a module's parameters for its forward, gathers the weight for it."""
+
+    def __init__(self, in_features: int, out_features: int, std: float, chunk_tokens: int = 0) -> None:
+        super().__init__(in_features, out_features, std)
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels, self.chunk_tokens)
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, extra_qk_norm: str = "none") -> None:
-        """`extra_qk_norm` creates QK-norm gains the config does not use yet (for a later DroPE switch)."""
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        extra_qk_norm: str = "none",
+        activation_checkpointing: ActivationCheckpointingConfig | None = None,
+        loss_chunk_tokens: int = 0,
+    ) -> None:
+        """`extra_qk_norm` creates QK-norm gains the config does not use yet (for a later DroPE switch);
+        `activation_checkpointing` says which blocks recompute their activations in training's backward;
+        `loss_chunk_tokens` makes the training loss in chunks of that many tokens (see LMHead)."""
         super().__init__()
         self.config = cfg
+        # Per block: None, or how it recomputes its activations in backward.
+        self.recompute = checkpointed_blocks(
+            activation_checkpointing or ActivationCheckpointingConfig(), cfg.num_layers
+        )
         norm_gains = qk_norm_union(cfg.qk_norm, extra_qk_norm)
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std)
         self.layers = nn.ModuleList(
             Block(cfg, use_rope, norm_gains, index) for index, use_rope in enumerate(cfg.rope_layers())
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.init_std, loss_chunk_tokens)
         if cfg.tie_embeddings:
             # One Parameter owned by both modules, so ZeRO-3 gathers it for each of their forwards.
             self.lm_head.weight = self.embed.weight
@@ -200,9 +234,11 @@ class Transformer(nn.Module):
         segments: DocumentSegments | None = None,
         cache: KVCache | None = None,
         last: int | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq). Positions default to 0..seq-1; with packed
-        documents they restart at each document and `segments` keeps attention inside each one.
+        """Logits (batch, seq, vocab) for token ids (batch, seq), or with `labels` (batch, seq; -100 ignored) the
+        mean next-token cross-entropy in fp32 (training). Positions default to 0..seq-1; with packed documents they
+        restart at each document and `segments` keeps attention inside each one.
 
         With a `cache` the tokens continue the ones it holds (positions go on from there), and only the last
         position's logits are computed (batch, 1, vocab): what greedy decoding needs. `last` likewise keeps the
@@ -220,16 +256,22 @@ class Transformer(nn.Module):
         logit_scale = cfg.logit_scale_at(seq_len)
         rope_logit_scale = logit_scale * logit_factor(self.rope_scaling, seq_len)
         x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, rope, rope_logit_scale if layer.attn.use_rope else logit_scale, segments, cache)
+        for layer, recompute in zip(self.layers, self.recompute, strict=True):
+            use_rope = layer.attn.use_rope
+            args = (
+                rope if use_rope else None,
+                layer.attn.qk_norm,
+                rope_logit_scale if use_rope else logit_scale,
+                segments,
+                cache,
+            )
+            if recompute is not None and torch.is_grad_enabled() and cache is None:
+                x = run_checkpointed(recompute, layer, x, *args)
+            else:
+                x = layer(x, *args)
         if cache is not None or last is not None:
             x = x[:, -(1 if cache is not None else last) :]
-        return self.lm_head(self.norm(x))
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; labels equal to -100 are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return self.lm_head(self.norm(x), labels)
 
 
 def count_parameters(model: nn.Module) -> int:

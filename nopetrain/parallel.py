@@ -256,7 +256,7 @@ def build_engine(
     torch.manual_seed(cfg.seed)
     stage3 = cfg.deepspeed.stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
-        model = Transformer(cfg.model, extra_qk_norm)
+        model = Transformer(cfg.model, extra_qk_norm, cfg.activation_checkpointing, cfg.loss.chunk_tokens)
     if pretrained is not None:
         load_weights(model, pretrained, partitioned=stage3)
     build_deepspeed_ops(cfg, env.device.type == "cpu")

@@ -19,11 +19,13 @@ from nopetrain.config import ConfigError, ModelConfig, TrainConfig, planned_worl
 from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
 from nopetrain.drope import dormant_qk_norm, drop_rope
 from nopetrain.hf import pretrained_model
-from nopetrain.metrics import PEAK_TFLOPS, flops_per_token, named_peak_tflops
+from nopetrain.metrics import GPUS, flops_per_token, gpu_spec, named_peak_tflops
 from nopetrain.model import Transformer, count_parameters
 
 if TYPE_CHECKING:
-    from nopetrain.memory import MemoryEstimate
+    from nopetrain.memory import MemoryEstimate, MemoryVerdict
+
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class RunPlan:
     flops: float  # training FLOPs of the whole run
     memory: MemoryEstimate
     memory_phase: Phase  # the phase whose micro-batch needs the most activation memory
+    verdict: MemoryVerdict | None  # None where plan.gpu's memory is unknown
     peak_tflops: float  # of one GPU
     seconds: float  # at plan.mfu on plan.world_size GPUs
 
@@ -57,9 +60,14 @@ def gpu_peak_tflops(cfg: TrainConfig, bf16: bool) -> float:
     """peak_tflops, else the table's peak for plan.gpu; ConfigError naming plan.gpu when it is not in the table."""
     peak = cfg.peak_tflops if cfg.peak_tflops is not None else named_peak_tflops(cfg.plan.gpu, bf16)
     if peak is None:
-        known = ", ".join(name for name, _ in PEAK_TFLOPS)
+        known = ", ".join(name for name, _ in GPUS)
         raise ConfigError(f"plan.gpu={cfg.plan.gpu!r} has no known peak ({known}); set peak_tflops")
     return peak
+
+
+def planned_bf16(cfg: TrainConfig) -> bool:
+    """Every GPU of the table computes in bf16: precision=auto means bf16 there."""
+    return cfg.precision != "fp32"
 
 
 def largest_module_parameters(model: nn.Module) -> int:
@@ -76,6 +84,33 @@ def phase_flops(phase: Phase, drope_step: int | None, model: ModelConfig, droppe
     return before + after
 
 
+@dataclass(frozen=True)
+class ModelsTrained:
+    """The model's shapes as a run trains them: counted once, for the plan and any change of its memory settings."""
+
+    parameters: int
+    largest_layer: int
+    rope: ModelConfig  # the model as configured
+    dropped: ModelConfig  # the model after the DroPE switch (every layer NoPE, its QK-norm on)
+    by_phase: tuple[tuple[Phase, tuple[ModelConfig, ...]], ...]  # the models each phase trains
+
+
+def models_trained(cfg: TrainConfig, curriculum: Plan) -> ModelsTrained:
+    extra_qk_norm = dormant_qk_norm(cfg.curriculum.drope, curriculum.drope_step)
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(cfg.model), extra_qk_norm)
+    parameters, largest_layer = count_parameters(model), largest_module_parameters(model)
+    drop_rope(model, cfg.curriculum.drope.qk_norm)
+    drope_step = curriculum.drope_step
+    by_phase = []
+    for phase in curriculum.phases:
+        # The RoPE model before the DroPE step, the NoPE one from it on.
+        rope = drope_step is None or phase.start < drope_step
+        nope = drope_step is not None and drope_step < phase.end
+        by_phase.append((phase, tuple(m for m, trained in ((cfg.model, rope), (model.config, nope)) if trained)))
+    return ModelsTrained(parameters, largest_layer, cfg.model, model.config, tuple(by_phase))
+
+
 def make_plan(cfg: TrainConfig) -> RunPlan:
     """The plan of `cfg` on the `plan` keys' cluster; raises ConfigError, naming the key, on everything a real start
     would refuse for the config (validate, resolve), before DeepSpeed is imported."""
@@ -84,61 +119,60 @@ def make_plan(cfg: TrainConfig) -> RunPlan:
     pretrained_model(cfg)
     validate(cfg, world_size)
     curriculum = resolve(cfg, world_size)
-    # Every GPU of the peak table computes in bf16: precision=auto means bf16 there.
-    bf16 = cfg.precision != "fp32"
+    bf16 = planned_bf16(cfg)
     peak = gpu_peak_tflops(cfg, bf16)
     # Imported once the config has passed: DeepSpeed takes seconds to import and logs as it does.
-    from nopetrain.memory import activation_bytes, estimate_memory
+    from nopetrain.memory import memory_verdict, plan_memory
 
-    extra_qk_norm = dormant_qk_norm(cfg.curriculum.drope, curriculum.drope_step)
-    with torch.device("meta"):
-        model = Transformer(dataclasses.replace(cfg.model), extra_qk_norm)
-    parameters, largest_layer = count_parameters(model), largest_module_parameters(model)
-    drop_rope(model, cfg.curriculum.drope.qk_norm)
-    dropped = model.config
-
-    drope_step = curriculum.drope_step
-    # On a GPU the q/k prologue is the fused Triton kernel, unless kernels=torch asks for the PyTorch reference.
-    fused = cfg.kernels != "torch"
-    phases = []
-    activations: list[tuple[int, Phase]] = []
-    for phase in curriculum.phases:
-        # The models the phase trains: the RoPE one before the DroPE step, the NoPE one from it on.
-        rope = drope_step is None or phase.start < drope_step
-        nope = drope_step is not None and drope_step < phase.end
-        models = [m for m, trained in ((cfg.model, rope), (dropped, nope)) if trained]
-        phases.append(
-            PhasePlan(
-                phase=phase,
-                tokens=(phase.end - phase.start) * phase.global_batch_size * phase.seq_len,
-                accumulation=phase.global_batch_size // (cfg.micro_batch_size * world_size),
-                lr_first=learning_rate(curriculum, cfg, phase.start),
-                lr_last=learning_rate(curriculum, cfg, phase.end - 1),
-                flops_per_token=flops_per_token(models[0], phase.seq_len),
-            )
+    models = models_trained(cfg, curriculum)
+    phases = [
+        PhasePlan(
+            phase=phase,
+            tokens=(phase.end - phase.start) * phase.global_batch_size * phase.seq_len,
+            accumulation=phase.global_batch_size // (cfg.micro_batch_size * world_size),
+            lr_first=learning_rate(curriculum, cfg, phase.start),
+            lr_last=learning_rate(curriculum, cfg, phase.end - 1),
+            flops_per_token=flops_per_token(trained[0], phase.seq_len),
         )
-        tokens = cfg.micro_batch_size * phase.seq_len
-        activations += [(activation_bytes(m, tokens, bf16, fused), phase) for m in models]
-    flops = sum(phase_flops(p.phase, drope_step, cfg.model, dropped) for p in phases)
-    most_activations, memory_phase = max(activations, key=lambda candidate: candidate[0])
+        for phase, trained in models.by_phase
+    ]
+    flops = sum(phase_flops(p.phase, curriculum.drope_step, models.rope, models.dropped) for p in phases)
+    memory, memory_phase = plan_memory(cfg, world_size, models, bf16)
     return RunPlan(
         cfg=cfg,
         world_size=world_size,
         curriculum=curriculum,
         phases=tuple(phases),
-        parameters=parameters,
-        largest_layer=largest_layer,
+        parameters=models.parameters,
+        largest_layer=models.largest_layer,
         bf16=bf16,
         tokens=sum(p.tokens for p in phases),
         flops=flops,
-        memory=estimate_memory(cfg, world_size, parameters, largest_layer, most_activations, bf16),
+        memory=memory,
         memory_phase=memory_phase,
+        verdict=memory_verdict(cfg, world_size, models, bf16, cfg.plan.gpu, gpu_memory_bytes(cfg)),
         peak_tflops=peak,
         seconds=flops / (peak * 1e12 * cfg.plan.mfu * world_size),
     )
 
 
-GIB = 2**30
+def gpu_memory_bytes(cfg: TrainConfig) -> int | None:
+    """plan.gpu_memory_gib, else the GPU table's memory for plan.gpu; None where neither says."""
+    if cfg.plan.gpu_memory_gib is not None:
+        return round(cfg.plan.gpu_memory_gib * GIB)
+    spec = gpu_spec(cfg.plan.gpu)
+    return None if spec is None else round(spec.memory_gib * GIB)
+
+
+def device_memory_warning(cfg: TrainConfig, world_size: int, device_name: str, capacity: int) -> str | None:
+    """At a GPU start: one line when the plan of `cfg` on `world_size` GPUs needs more than the device's `capacity`
+    bytes (with the smallest change that fits), else None."""
+    from nopetrain.memory import memory_verdict
+
+    curriculum = resolve(cfg, world_size)
+    models = models_trained(cfg, curriculum)
+    verdict = memory_verdict(cfg, world_size, models, planned_bf16(cfg), device_name, capacity)
+    return None if verdict.fits else f"the memory plan says this run will not fit: {verdict.line()}"
 
 
 def _count(value: float) -> str:
@@ -214,6 +248,8 @@ def _drope_line(plan: RunPlan) -> str:
 
 
 def _memory_lines(plan: RunPlan) -> list[str]:
+    from nopetrain.memory import ALLOWANCE_BYTES, FRAGMENTATION
+
     memory, states, ds = plan.memory, plan.memory.states, plan.cfg.deepspeed
     precision = "bf16" if plan.bf16 else "fp32"
     share = f"1/{plan.world_size}"
@@ -222,28 +258,47 @@ def _memory_lines(plan: RunPlan) -> list[str]:
     grads = ("whole" if ds.stage == 1 else "offloaded" if ds.offload_optimizer else share) + gathered
     fp32_states = "offloaded" if ds.offload_optimizer else share
     micro = f"micro-batch {plan.cfg.micro_batch_size} x {plan.memory_phase.seq_len} tokens"
+    ac, chunk = plan.cfg.activation_checkpointing, plan.cfg.loss.chunk_tokens
+    blocks = f"blocks 0, {ac.every}, ..." if ac.every > 1 else "every block"
+    recompute = {
+        "none": "no recompute",
+        "full": "every block recomputed",
+        "selective": f"{blocks} recomputed, keeping {'matmuls' if ac.policy == 'ops' else 'inputs only'}",
+    }[ac.mode]
+    loss = f"loss in chunks of {chunk} tokens" if chunk else "whole fp32 logits"
     rows = [
         ["parameters", _size(states.parameters), f"{precision} weights {weights}; fp32 master weights {fp32_states}"],
         ["gradients", _size(states.gradients), f"{precision} gradients {grads}; fp32 gradients {fp32_states}"],
         ["optimizer states", _size(states.optimizer_states), f"AdamW's fp32 moments {fp32_states}"],
         ["reduce bucket", _size(memory.reduce_bucket), "DeepSpeed's reduce_bucket_size"],
-        ["activations", _size(memory.activations), f"{micro} (phase {plan.memory_phase.name})"],
+        [
+            "activations",
+            _size(memory.activations.peak),
+            f"{micro} (phase {plan.memory_phase.name}), {recompute}, {loss}",
+        ],
         ["total", _size(memory.total), "everything at once: an upper bound on a step's peak"],
-        ["", "", f"at least {_size(memory.floor)}: weights, optimizer states, activations as backward starts"],
+        ["", "", f"at least {_size(memory.floor)}: weights, optimizer states and the activations' peak"],
     ]
     lines = [f"memory per GPU ({_zero(plan.cfg)}, {precision}, {_gpus(plan.world_size)}):", *_table(rows)]
     lines.append(
-        "  not counted: the CUDA context and NCCL's buffers (~1 GiB), the backward's temporaries, fragmentation"
+        f"  not counted, allowed for in the verdict: the CUDA context and NCCL's buffers ({ALLOWANCE_BYTES / GIB:g} "
+        f"GiB), fragmentation ({FRAGMENTATION:.0%} of the total)"
     )
     if memory.deepspeed_gpu is None:
-        return [*lines, f"  DeepSpeed has no estimator for ZeRO-{ds.stage} in {precision}: derived the same way"]
-    ours = states.parameters + states.gradients + states.optimizer_states
-    left_out = "; it leaves out the bf16 weights' partition" if ds.stage == 3 and not ds.offload_optimizer else ""
-    return [
-        *lines,
-        f"  DeepSpeed's estimator: {_size(memory.deepspeed_gpu)} of model states per GPU (above: {_size(ours)}"
-        f"{left_out}), {_size(memory.deepspeed_cpu_per_node)} of CPU memory per node",
-    ]
+        lines.append(f"  DeepSpeed has no estimator for ZeRO-{ds.stage} in {precision}: derived the same way")
+    else:
+        ours = states.parameters + states.gradients + states.optimizer_states
+        left_out = "; it leaves out the bf16 weights' partition" if ds.stage == 3 and not ds.offload_optimizer else ""
+        lines.append(
+            f"  DeepSpeed's estimator: {_size(memory.deepspeed_gpu)} of model states per GPU (above: {_size(ours)}"
+            f"{left_out}), {_size(memory.deepspeed_cpu_per_node)} of CPU memory per node"
+        )
+    if plan.verdict is None:
+        return [
+            *lines,
+            f"memory verdict: unknown: no memory size for plan.gpu={plan.cfg.plan.gpu!r}; set plan.gpu_memory_gib",
+        ]
+    return [*lines, plan.verdict.line()]
 
 
 def format_plan(plan: RunPlan) -> str:

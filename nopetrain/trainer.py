@@ -30,12 +30,14 @@ from nopetrain.drope import dormant_qk_norm, reset_optimizer_state, switch_to_no
 from nopetrain.eval.training import TrainingEval
 from nopetrain.exits import NONFINITE, ExitError
 from nopetrain.hf import load_hf_state_dict, pretrained_model
+from nopetrain.kernels import set_attention_backend
 from nopetrain.kernels import set_backend as set_kernel_backend
 from nopetrain.metrics import MetricsLogger, flops_per_token, memory_gib, peak_tflops, setup_logging
-from nopetrain.model import count_parameters, lm_loss
+from nopetrain.model import count_parameters
 from nopetrain.ownership import FailureRecord, die_with_torchrun_agent, own_run_dir
 from nopetrain.parallel import DistEnv, build_engine, destroy_process_group, init_distributed, use_bf16
 from nopetrain.preemption import PREEMPTED_BY_FILE, Preempted, PreemptionWatch
+from nopetrain.profiling import StepProfiler
 from nopetrain.resume import prepare_resume
 
 log = logging.getLogger("nopetrain")
@@ -83,6 +85,7 @@ class Trainer:
         self.phase: Phase | None = None
         self.accumulation = 0
         self.evaluator = TrainingEval(cfg) if cfg.eval.every else None
+        self.profiler = StepProfiler(cfg.profile, self.run_dir, env.rank, env.device)
 
     def resume(self, path: Path, saved: dict[str, Any], weights_only: bool) -> None:
         """Continues from checkpoint `path` (`saved`: its trainer state, checked by check_resumed_config); with
@@ -212,6 +215,7 @@ class Trainer:
         while state["step"] < last_step:
             self.watch.start_step()
             step = state["step"]
+            self.profiler.start_step(step + 1)
             if self.phase is None or step >= self.phase.end:
                 self.enter_phase(plan.phase_at(step))
             if step == plan.drope_step and state["drope_step"] is None:
@@ -223,12 +227,13 @@ class Trainer:
                 # the number of micro-batches per step.
                 engine.set_gradient_accumulation_boundary(micro == self.accumulation - 1)
                 batch = self.stream.next_batch().to(env.device)
-                loss = lm_loss(engine(batch.input_ids, batch.position_ids, batch.segments), batch.labels)
+                loss = engine(batch.input_ids, batch.position_ids, batch.segments, labels=batch.labels)
                 engine.backward(loss)
                 finite = torch.isfinite(loss.detach())
                 loss_sum += torch.where(finite, loss.detach(), 0.0)
                 finite_micro_batches += finite
             engine.step()
+            self.profiler.end_step(step + 1)
             step_tokens = self.phase.global_batch_size * self.phase.seq_len
             state["step"] += 1
             state["tokens_seen"] += step_tokens
@@ -329,10 +334,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             destroy_process_group(env)
 
 
+def warn_if_over_memory(cfg: TrainConfig, env: DistEnv) -> None:
+    """One warning line, before the first step, when the dry run's plan of this run needs more than the GPU has."""
+    from nopetrain.plan import device_memory_warning
+
+    properties = torch.cuda.get_device_properties(env.device)
+    warning = device_memory_warning(cfg, env.world_size, properties.name, properties.total_memory)
+    if warning is not None and env.is_main:
+        log.warning(warning)
+
+
 def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, Any]:
     hf_folder = pretrained_model(cfg)
     validate(cfg, env.world_size)
     set_kernel_backend(cfg.kernels)
+    set_attention_backend("auto", deterministic=cfg.deterministic)
     plan = resolve(cfg, env.world_size)
     setup_logging(env.rank, Path(cfg.run.dir))
     resume = prepare_resume(cfg, env, plan)
@@ -340,6 +356,8 @@ def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, 
     if pretrained is not None:
         log.info("initialised from %s", hf_folder)
     resize = resume is not None and resume.saved["world_size"] != env.world_size
+    if env.device.type == "cuda":
+        warn_if_over_memory(cfg, env)
     trainer = Trainer(cfg, env, plan, pretrained, resize, watch)
     if resume is not None:
         trainer.resume(resume.path, resume.saved, resume.weights_only)

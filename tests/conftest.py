@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_corpus
+from tests.helpers import build_corpus, set_one_rank_env
 
 # Files that take longest, longest first (seconds of a serial run, 2-core machine): a long file handed out last
 # would run alone at the end while the other worker idles.
@@ -36,3 +36,16 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The small default corpus (helpers.build_corpus), built once per worker: every test that uses it only reads
     it."""
     return build_corpus(tmp_path_factory.mktemp("corpus") / "default")
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A gloo group of one in this process, as `python train.py` makes, for the tests of a module that build real
+    DeepSpeed engines in-process; the environment is restored after. DeepSpeed is imported here, not at collection."""
+    from nopetrain.parallel import destroy_process_group, init_distributed
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        set_one_rank_env(monkeypatch)
+        env = init_distributed()
+        yield env
+        destroy_process_group(env)

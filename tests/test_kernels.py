@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nopetrain.kernels import attention, flash_attn_available, qk_norm_rope
+from nopetrain.data import batch_from_chunks
+from nopetrain.kernels import attention, flash_attn_available, qk_norm_rope, set_attention_backend
 
 from .helpers import gpu
+
+# The module, which the package's `attention` function shadows as an attribute.
+attention_module = importlib.import_module("nopetrain.kernels.attention")
 
 
 def explicit_attention(q, k, v, window=None):
@@ -62,3 +69,68 @@ def test_flash_attention_matches_sdpa_on_gpu(window):
     q = torch.randn(2, 512, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 512, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     torch.testing.assert_close(attention(q, k, v, window), explicit_attention(q, k, v, window), atol=2e-2, rtol=2e-2)
+
+
+def packed_inputs(device: str = "cpu", dtype: torch.dtype = torch.float32, seq: int = 96):
+    """q, k, v of two rows of packed documents (different boundaries per row) and their segments."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, seq, 4, 16, generator=gen)
+    k, v = torch.randn(2, seq, 2, 16, generator=gen), torch.randn(2, seq, 2, 16, generator=gen)
+    starts = [np.array([30, 50]), np.array([7, 61, 80])]
+    segments = batch_from_chunks(np.zeros((2, seq + 1), dtype=np.int64), starts, document_masking=True).segments
+    return (*(t.to(device, dtype) for t in (q, k, v)), segments.to(torch.device(device)))
+
+
+@pytest.fixture
+def flex_backend():
+    set_attention_backend("flex")
+    yield
+    set_attention_backend("auto")
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_flex_attention_keeps_documents_apart_without_a_dense_mask(flex_backend, monkeypatch, window):
+    """The path CUDA takes without flash-attn, forced on CPU: FlexAttention with a block mask from the segment ids.
+    Its output is the dense-mask reference's; the dense (seq, seq) mask is never built (the reference's builder
+    raises here), and the layers of a micro-batch share one block mask per window."""
+    q, k, v, segments = packed_inputs()
+    dense = attention_module._mask(96, 96, window, segments, q.device)
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=dense, enable_gqa=True)
+    expected = expected.transpose(1, 2)
+
+    def dense_mask(*args):
+        raise AssertionError("a dense seq x seq mask was built")
+
+    monkeypatch.setattr(attention_module, "_mask", dense_mask)
+    assert attention_module.attention_backend(q, masked=True) == "flex"
+    out = attention(q, k, v, window, segments)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert list(segments.block_masks) == [window]
+    again = attention(q, k, v, window, segments)
+    assert torch.equal(again, out) and len(segments.block_masks) == 1
+
+
+def test_cpu_auto_takes_the_reference_and_unmasked_attention_never_takes_flex():
+    q = torch.zeros(1, 4, 2, 8)
+    assert attention_module.attention_backend(q, masked=True) == "sdpa"
+    set_attention_backend("flex")
+    try:
+        assert attention_module.attention_backend(q, masked=False) == "sdpa"
+    finally:
+        set_attention_backend("auto")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 24])
+def test_flex_attention_gradients_match_the_reference_on_gpu(flex_backend, window):
+    """FlexAttention's backward (it has none on CPU) against the dense-mask reference's, bf16."""
+    q, k, v, segments = packed_inputs("cuda", torch.bfloat16, seq=256)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    attention(*leaves, window, segments).float().square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    mask = attention_module._mask(256, 256, window, segments, q.device)
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in ref_leaves), attn_mask=mask, enable_gqa=True)
+    ref.transpose(1, 2).float().square().sum().backward()
+    for ours, theirs in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=5e-2, rtol=5e-2)

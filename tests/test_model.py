@@ -8,10 +8,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nopetrain.config import ModelConfig, register_configs
+from nopetrain.config import ActivationCheckpointingConfig, ModelConfig, register_configs
 from nopetrain.data import batch_from_chunks
 from nopetrain.drope import drop_rope
-from nopetrain.model import KVCache, Transformer, count_parameters, lm_loss, rope_tables
+from nopetrain.model import KVCache, Transformer, count_parameters, rope_tables
 
 from .helpers import REPO
 
@@ -35,11 +35,13 @@ def prefix_permutation_changes(fn, x: torch.Tensor, i: int) -> bool:
 
 
 def attention_of(layer):
-    """The layer's attention as a function of its input (batch, seq, hidden), positions 0..seq-1."""
+    """The layer's attention as a function of its input (batch, seq, hidden), positions 0..seq-1, with its RoPE and
+    QK-norm flags read as Transformer.forward reads them."""
     attn = layer.attn
 
     def fn(x):
-        return attn(x, rope_tables(torch.arange(x.shape[1])[None], attn.head_dim, 10000.0), 1.0)
+        rope = rope_tables(torch.arange(x.shape[1])[None], attn.head_dim, 10000.0) if attn.use_rope else None
+        return attn(x, rope, attn.qk_norm, 1.0)
 
     return fn
 
@@ -142,13 +144,18 @@ def test_preset_parameter_counts_match_published(preset):
         assert [i for i, rope in enumerate(cfg.model.rope_layers()) if not rope] == list(range(3, 36, 4))
 
 
-def test_forward_and_loss_compile_as_one_graph():
-    # fullgraph=True turns any graph break into an error; the backward then runs AOTAutograd's compiled graph.
-    model = build(tiny(num_layers=2, no_rope_layer_interval=2, qk_norm="qk", sliding_window=8))
+@pytest.mark.parametrize("memory_savers", [False, True], ids=["plain", "selective_ac_and_chunked_loss"])
+def test_forward_and_loss_compile_as_one_graph(memory_savers):
+    """fullgraph=True turns any graph break into an error; the backward then runs AOTAutograd's compiled graph. With
+    the memory savers: op-level selective recompute of every block and the loss in chunks of 5 of the 30 tokens."""
+    cfg = tiny(num_layers=2, no_rope_layer_interval=2, qk_norm="qk", sliding_window=8)
+    torch.manual_seed(0)
+    recompute = ActivationCheckpointingConfig("selective" if memory_savers else "none")
+    model = Transformer(cfg, activation_checkpointing=recompute, loss_chunk_tokens=5 if memory_savers else 0)
     tokens = torch.randint(64, (2, 16))
 
     def loss_fn(t):
-        return lm_loss(model(t[:, :-1]), t[:, 1:])
+        return model(t[:, :-1], labels=t[:, 1:])
 
     compiled_loss = torch.compile(loss_fn, fullgraph=True)(tokens)
     compiled_loss.backward()

@@ -245,7 +245,7 @@ def test_model_shapes_on_gpu(heads, kv_heads, head_dim):
 def test_model_with_the_fused_prologue_matches_the_torch_path():
     from nopetrain import kernels
     from nopetrain.config import ModelConfig
-    from nopetrain.model import Transformer, lm_loss
+    from nopetrain.model import Transformer
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
     cfg.no_rope_layer_interval, cfg.qk_norm = 2, "qk"
@@ -256,7 +256,7 @@ def test_model_with_the_fused_prologue_matches_the_torch_path():
         model = Transformer(cfg)
         kernels.set_backend(backend)
         try:
-            loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:])
             loss.backward()
         finally:
             kernels.set_backend("auto")
@@ -264,3 +264,27 @@ def test_model_with_the_fused_prologue_matches_the_torch_path():
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-5, rtol=1e-5)
     for fused, ref in zip(results["triton"][1], results["torch"][1], strict=True):
         torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_recomputed_blocks_run_the_fused_op_again_to_the_same_bits():
+    """Activation checkpointing re-runs the custom op in backward (its element-wise work is what `ops` recomputes):
+    every mode gives the gradients of no recompute, bit for bit."""
+    from nopetrain import kernels
+    from nopetrain.config import ActivationCheckpointingConfig, ModelConfig
+    from nopetrain.model import Transformer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    cfg.no_rope_layer_interval, cfg.qk_norm = 2, "qk"
+    tokens = torch.randint(64, (2, 9))
+    results = {}
+    kernels.set_backend("triton")
+    try:
+        for mode in ("none", "full", "selective"):
+            torch.manual_seed(0)
+            model = Transformer(cfg, activation_checkpointing=ActivationCheckpointingConfig(mode))
+            model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+            results[mode] = [p.grad for p in model.parameters()]
+    finally:
+        kernels.set_backend("auto")
+    for mode in ("full", "selective"):
+        assert all(torch.equal(a, b) for a, b in zip(results[mode], results["none"], strict=True)), mode

@@ -209,3 +209,17 @@ def test_a_finished_run_destroys_the_process_group_it_made(tmp_path, monkeypatch
     cfg.wandb.mode = "disabled"
     assert train(cfg)["step"] == 1
     assert not dist.is_initialized()
+
+
+def test_profile_records_a_window_of_steps(tmp_path):
+    """profile.steps=2 from step 2: a Chrome trace naming each recorded step (and no other), with memory events,
+    and the ops ranked by the memory they allocate; the run's losses are those of a run without it."""
+    profiled, plain = tmp_path / "profiled", tmp_path / "plain"
+    run_train(profiled, "steps=4", "profile.steps=2", "profile.start=2", *BATCH)
+    trace = json.loads((profiled / "profile" / "trace_rank_0.json").read_text())
+    steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("train_step")}
+    assert steps == {"train_step 2", "train_step 3"}
+    assert any(event.get("name") == "[memory]" for event in trace["traceEvents"])
+    assert "Self CPU Mem" in (profiled / "profile" / "memory_rank_0.txt").read_text()
+    run_train(plain, "steps=4", *BATCH)
+    assert losses(profiled) == losses(plain)

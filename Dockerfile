@@ -5,7 +5,9 @@
 #   docker run --gpus all --ipc=host -v "$PWD/runs:/workspace/runs" nopetrain \
 #       launch/torchrun.sh model=smollm_360m precision=bf16
 # On SLURM with enroot/pyxis: python -m nopetrain.launch.slurm --container-image=... (see README, Scaling up).
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+# The CUDA of the locked torch's wheel (requirements-lock.txt: cuda-toolkit==13.0.x): DeepSpeed's ops and flash-attn
+# compile here with this nvcc for that torch, and both refuse another major version (tests/test_dockerfile.py).
+FROM nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \

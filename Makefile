@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/nopetrain/torch_extensions/$(shell
 export WANDB_MODE ?= offline
 RUN ?= demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: train test test-latest lock lint install slurm-deps clean
+.PHONY: train test test-device-triton device-wheels test-latest lock lint install slurm-deps clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,27 @@ train: $(STAMP) $(DATA)/corpus.json
 # multi-process runs whose start-up is single-threaded, which leaves one of two cores idle when run serially.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(MAKE) --no-print-directory test-device-triton
+
+# The GPU machines lent to this project run Triton 3.6.0 (their image's), not the lock's: the kernels' ahead-of-time
+# compile test (sm_80/sm_90, spills, registers) runs under it too. Triton alone, 190 MB, in a folder put first on the
+# path of this venv's interpreter (torch stays the lock's); about 30 s.
+DEVICE_TRITON := 3.6.0
+DEVICE_TRITON_DIR := .venv-triton-$(DEVICE_TRITON)
+
+$(DEVICE_TRITON_DIR)/.installed: | $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(DEVICE_TRITON_DIR) triton==$(DEVICE_TRITON)
+	touch $@
+
+test-device-triton: $(DEVICE_TRITON_DIR)/.installed
+	PYTHONPATH=$(DEVICE_TRITON_DIR) $(PY) -c 'import triton; assert triton.__version__ == "$(DEVICE_TRITON)", triton.__version__'
+	PYTHONPATH=$(DEVICE_TRITON_DIR) $(PY) -m pytest -q -p no:cacheprovider tests/test_kernel_compile.py
+
+# The wheels a lent GPU machine needs beside its image (benchmarks/gpu_check.sh installs them from .whl/): every
+# requirement of pyproject.toml the image lacks, with their own, at this venv's versions.
+device-wheels: $(STAMP)
+	../shared/tools/device-wheels.sh $(PY) .whl $$($(PY) -c 'import re, tomllib; \
+		print(" ".join(re.match(r"[A-Za-z0-9_.-]+", d)[0] for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 
 # The newest versions pyproject.toml allows, in .venv-latest: which packages moved and which tests each one breaks.
 # TESTS narrows the run, e.g. `make test-latest TESTS=tests/test_export.py`.
@@ -59,4 +80,4 @@ slurm-deps:
 	apt-get install -y slurmctld slurmd slurm-client munge
 
 clean:
-	rm -rf runs outputs multirun .pytest_cache
+	rm -rf runs outputs multirun .pytest_cache $(DEVICE_TRITON_DIR)

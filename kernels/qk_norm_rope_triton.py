@@ -327,21 +327,107 @@ def _table_strides(table: torch.Tensor | None) -> tuple[int, int, int]:
     return (0 if table.shape[0] == 1 else table.stride(0)), table.stride(1), table.stride(2)
 
 
-def _blocks(q: torch.Tensor, k: torch.Tensor) -> dict[str, int]:
-    """Tile sizes (heads padded to a power of two, half a head's dims likewise) and warps for them."""
-    block_half = triton.next_power_of_2(q.shape[3] // 2)
-    block_qh, block_kh = triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2])
-    # About 16 fp32 values per thread for the larger of the two tiles (one head-dim half); untuned heuristic.
-    num_warps = min(max(triton.next_power_of_2(max(block_qh, block_kh) * block_half // 512), 1), 8)
-    return {"BLOCK_QH": block_qh, "BLOCK_KH": block_kh, "BLOCK_HALF": block_half, "num_warps": num_warps}
+def _tiles(n_q_heads: int, n_k_heads: int, head_dim: int) -> dict[str, int]:
+    """Tile sizes: heads padded to a power of two, half a head's dims likewise."""
+    return {
+        "BLOCK_QH": triton.next_power_of_2(n_q_heads),
+        "BLOCK_KH": triton.next_power_of_2(n_k_heads),
+        "BLOCK_HALF": triton.next_power_of_2(head_dim // 2),
+    }
 
 
-def _backward_programs(device: torch.device, n_rows: int) -> int:
-    """Programs for the backward's row loop: enough to fill a GPU, few enough that the gain partials stay small.
-    On CPU (the interpreter, tests only) a handful, so the loop over several rows per program is exercised."""
-    if device.type == "cuda":
-        return min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(n_rows, 4)
+def _forward_warps(tiles: dict[str, int]) -> int:
+    """About 16 fp32 values per thread for the larger of the two tiles (one head-dim half): one token per program,
+    so programs are many and each is short; the forward keeps few values live (x, then y)."""
+    elements = max(tiles["BLOCK_QH"], tiles["BLOCK_KH"]) * tiles["BLOCK_HALF"]
+    return min(max(triton.next_power_of_2(elements // 512), 1), 8)
+
+
+# The backward is memory-bound (it reads dout and x and writes dx, q's and k's, for every token) and holds many
+# fp32 values per element live at once (dout, x, the rotated gradient, the normed x and the gain's gradient, both
+# halves). Two limits size its launch on a GPU whose SMs have 65,536 registers:
+# - Registers: at 4 elements of a half-tile per thread it compiles to at most 128 registers per thread for every
+#   preset (checked ahead of time for sm_80 and sm_90 by tests/test_kernel_compile.py; at 16 elements, the old
+#   heuristic's, it used 205-255 and spilled for llama2_7b's 32 x 128 heads). 128 registers allow 16 resident warps
+#   per SM (65,536 / (128 x 32)).
+# - Latency: a memory-bound kernel needs many loads in flight per SM to hide ~1 us of DRAM latency; the more resident
+#   warps, the more. So each SM gets BACKWARD_WARPS_PER_SM warps, all the register budget allows, as programs of
+#   `_backward_warps` warps each. Whether that reaches 75% of HBM bandwidth is what benchmarks/bench_qk_norm_rope.py
+#   measures (its "bwd >= 75% peak" target) when a GPU is lent.
+BACKWARD_ELEMENTS_PER_THREAD = 4
+BACKWARD_WARPS_PER_SM = 16
+
+
+def _backward_warps(tiles: dict[str, int]) -> int:
+    elements = max(tiles["BLOCK_QH"], tiles["BLOCK_KH"]) * tiles["BLOCK_HALF"]
+    return min(max(triton.next_power_of_2(elements // (32 * BACKWARD_ELEMENTS_PER_THREAD)), 1), 16)
+
+
+def _backward_programs(device: torch.device, n_rows: int, num_warps: int) -> int:
+    """Programs for the backward's row loop: on a GPU, BACKWARD_WARPS_PER_SM warps on every SM (each program then
+    loops over rows, and its gains' partial sums stay one row per program); on CPU (the interpreter, tests only) a
+    handful, so that the loop over several rows per program is exercised. Never more programs than rows."""
+    if device.type != "cuda":
+        return max(min(n_rows, 4), 1)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(min(n_rows, sms * max(BACKWARD_WARPS_PER_SM // num_warps, 1)), 1)
+
+
+def forward_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_scale: float,
+    eps: float,
+) -> tuple[tuple[int], tuple, dict]:
+    """(grid, arguments, compile-time meta) of the forward kernel's launch: what `forward` launches, and what
+    tests/test_kernel_compile.py compiles ahead of time for real GPU targets."""
+    batch, seq, n_q_heads, head_dim = q.shape
+    tiles = _tiles(n_q_heads, k.shape[2], head_dim)
+    args = (
+        q, k, q_out, k_out, q_norm_weight, k_norm_weight, cos, sin,
+        seq, n_q_heads, k.shape[2], head_dim // 2,
+        *q.stride(), *k.stride(), *_table_strides(cos), *_table_strides(sin),
+        q_scale, eps,
+    )  # fmt: skip
+    flags = {"Q_NORM": q_norm_weight is not None, "K_NORM": k_norm_weight is not None, "ROPE": cos is not None}
+    return (batch * seq,), args, {**flags, **tiles, "num_warps": _forward_warps(tiles)}
+
+
+def backward_launch(
+    dq_out: torch.Tensor,
+    dk_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    dq_w_partial: torch.Tensor | None,
+    dk_w_partial: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_scale: float,
+    eps: float,
+    programs: int,
+) -> tuple[tuple[int], tuple, dict]:
+    """(grid, arguments, compile-time meta) of the backward kernel's launch, as forward_launch."""
+    batch, seq, n_q_heads, head_dim = q.shape
+    tiles = _tiles(n_q_heads, k.shape[2], head_dim)
+    args = (
+        dq_out, dk_out, q, k, dq, dk, q_norm_weight, k_norm_weight, dq_w_partial, dk_w_partial, cos, sin,
+        batch * seq, seq, n_q_heads, k.shape[2], head_dim // 2,
+        *dq_out.stride(), *dk_out.stride(), *q.stride(), *k.stride(),
+        *_table_strides(cos), *_table_strides(sin),
+        q_scale, eps,
+    )  # fmt: skip
+    flags = {"Q_NORM": q_norm_weight is not None, "K_NORM": k_norm_weight is not None, "ROPE": cos is not None}
+    return (programs,), args, {**flags, **tiles, "num_warps": _backward_warps(tiles)}
 
 
 def forward(
@@ -356,19 +442,12 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel; returns contiguous (q_out, k_out) in the inputs' dtypes."""
     _check(q, k, q_norm_weight, k_norm_weight, cos, sin)
-    batch, seq, n_q_heads, head_dim = q.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if q.numel() == 0:
         return q_out, k_out
-    qk_norm_rope_fwd_kernel[(batch * seq,)](
-        q, k, q_out, k_out, q_norm_weight, k_norm_weight, cos, sin,
-        seq, n_q_heads, k.shape[2], head_dim // 2,
-        *q.stride(), *k.stride(), *_table_strides(cos), *_table_strides(sin),
-        q_scale, eps,
-        Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None, ROPE=cos is not None,
-        **_blocks(q, k),
-    )  # fmt: skip
+    grid, args, meta = forward_launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, cos, sin, q_scale, eps)
+    qk_norm_rope_fwd_kernel[grid](*args, **meta)
     return q_out, k_out
 
 
@@ -389,20 +468,17 @@ def backward(
     batch, seq, n_q_heads, head_dim = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    programs = max(_backward_programs(q.device, batch * seq), 1)
+    warps = _backward_warps(_tiles(n_q_heads, k.shape[2], head_dim))
+    programs = _backward_programs(q.device, batch * seq, warps)
     # One fp32 row per program; zeros because empty inputs launch nothing and their gains' gradients are zero.
     dq_w_partial = q.new_zeros(programs, head_dim, dtype=torch.float32) if q_norm_weight is not None else None
     dk_w_partial = q.new_zeros(programs, head_dim, dtype=torch.float32) if k_norm_weight is not None else None
     if q.numel() > 0:
-        qk_norm_rope_bwd_kernel[(programs,)](
+        grid, args, meta = backward_launch(
             dq_out, dk_out, q, k, dq, dk, q_norm_weight, k_norm_weight, dq_w_partial, dk_w_partial, cos, sin,
-            batch * seq, seq, n_q_heads, k.shape[2], head_dim // 2,
-            *dq_out.stride(), *dk_out.stride(), *q.stride(), *k.stride(),
-            *_table_strides(cos), *_table_strides(sin),
-            q_scale, eps,
-            Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None, ROPE=cos is not None,
-            **_blocks(q, k),
+            q_scale, eps, programs,
         )  # fmt: skip
+        qk_norm_rope_bwd_kernel[grid](*args, **meta)
     dq_w = dq_w_partial.sum(0).to(q_norm_weight.dtype) if q_norm_weight is not None else None
     dk_w = dk_w_partial.sum(0).to(k_norm_weight.dtype) if k_norm_weight is not None else None
     return dq, dk, dq_w, dk_w

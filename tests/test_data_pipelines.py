@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import webdataset as wds
-import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nopetrain.data.shards import read_documents
@@ -176,6 +175,14 @@ def test_a_manifest_finds_its_tokenizer_from_any_working_directory(
     assert Path(record["path"]).resolve() == sp_model.resolve()
 
 
+def zstd_compress(data: bytes) -> bytes:
+    """Imported where used, as the pipeline imports it: a module-level import made the whole file, and with it the
+    suite's collection, fail on an interpreter without zstandard (the GPU image has none)."""
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
 @pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst", "parquet", "txt"])
 def test_input_formats_give_the_same_shards(
     tmp_path: Path, documents: list[str], corpus: Path, sp_model: Path, fmt: str
@@ -187,7 +194,7 @@ def test_input_formats_give_the_same_shards(
         (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(raw))
         inputs = [str(tmp_path / "docs.jsonl.gz")]
     elif fmt == "jsonl.zst":
-        (tmp_path / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+        (tmp_path / "docs.jsonl.zst").write_bytes(zstd_compress(raw))
         inputs = [str(tmp_path / "docs.jsonl.zst")]
     elif fmt == "parquet":
         field = "content"
@@ -386,7 +393,7 @@ def test_input_errors_are_one_line_naming_the_file(
 @pytest.mark.parametrize("suffix", ["gz", "zst"])
 def test_truncated_compressed_input_is_an_error(tmp_path: Path, corpus: Path, sp_model: Path, suffix: str) -> None:
     # A cut-off download must not pass for a shorter corpus.
-    compress = gzip.compress if suffix == "gz" else zstandard.ZstdCompressor().compress
+    compress = gzip.compress if suffix == "gz" else zstd_compress
     data = compress(corpus.read_bytes())
     path = tmp_path / f"docs.jsonl.{suffix}"
     path.write_bytes(data[: len(data) // 2])

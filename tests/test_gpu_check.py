@@ -3,6 +3,7 @@ benchmark steps as far as a CPU allows, so that a lent GPU's first call does not
 
 from __future__ import annotations
 
+import re
 import shutil
 import site
 import subprocess
@@ -39,8 +40,13 @@ def test_cpu_smoke_runs_every_step_and_writes_a_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [summary_file] = tmp_path.glob("*/summary.md")
     results, summary = summary_file.parent, summary_file.read_text()
-    for name in ("gpu_tests", "qk_norm_rope_bench", "train_step_bench", "drope_gpu"):
+    for name in ("versions", "gpu_tests", "qk_norm_rope_bench_start", "train_step_bench_start", "drope_gpu"):
         assert f"| {name} | ok |" in summary, summary
+    for name in ("qk_norm_rope_bench", "train_step_bench"):
+        assert f"| {name} | skipped: no GPU (--cpu-smoke)" in summary, summary
+    # Each step says its time bound as it starts; the versions step names torch, Triton and flash-attn.
+    assert "== gpu_tests (at most 300 s)" in proc.stdout
+    assert re.match(r"python 3\.\d+\.\d+, torch .* \(CUDA .*\), triton ", (results / "versions.log").read_text())
     assert "skipped" in (results / "gpu_tests.log").read_text()
     # The GPU profile at a tiny size: three arms trained, evaluated, the report and the arms' logs brought back.
     report = (results / "results.md").read_text()
@@ -58,3 +64,17 @@ def test_gpu_mode_without_a_gpu_says_so(tmp_path):
     env = dict(subprocess_env(), OUT=str(tmp_path), PYTHON=sys.executable, TMPDIR=str(tmp_path))
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "no CUDA device here; run with --cpu-smoke" in proc.stderr, proc.stderr
+
+
+def test_a_step_over_its_time_bound_fails_with_that_reason(tmp_path):
+    """The bound is real: a step that outlives it is killed and its row says so (here a 1-second bound on a sleep),
+    and the check exits 1."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    start, end = script.index("step() {"), script.index("\n}\n", script.index("step() {")) + 3
+    harness = tmp_path / "harness.sh"
+    harness.write_text(
+        f"set -euo pipefail\nresults={tmp_path}\nfailed=0\n{script[start:end]}\nstep slow 1 sleep 30\nexit $failed\n"
+    )
+    proc = subprocess.run(["bash", str(harness)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "| slow | failed (over its 1 s bound) |" in (tmp_path / "summary.md").read_text()

@@ -30,8 +30,11 @@ TORCH = "torch==2.13.0"
 # pick the newest and the GPU install from the lock would then be impossible). Read from the CUDA wheel's metadata.
 TORCH_CUDA_PINS = ["triton==3.7.1"]
 EXTRAS = ".[dev,slurm]"
-# Pinned for the GPU image (Dockerfile) but not resolvable on the CPU machines that write the lock.
-GPU_ONLY_PINS = ["flash-attn==2.8.3.post2"]
+# Pinned for the GPU image (Dockerfile) but not resolvable on the CPU machines that write the lock. cuda-toolkit is
+# what the CUDA wheel of TORCH requires exactly (its metadata: cuda-toolkit[cublas,cudart,...]==13.0.3): the CUDA the
+# Dockerfile's base image must carry, so that DeepSpeed's ops and flash-attn compile for the torch they run with
+# (tests/test_dockerfile.py compares the two).
+GPU_ONLY_PINS = ["flash-attn==2.8.3.post2", "cuda-toolkit==13.0.3"]
 HEADER = """\
 # The environment `make test` passed on: pip constraints for every package, read by the Makefile, .ci/run (through
 # make), the Dockerfile and the GPU check. Written by `python3 tools/deps.py lock` with {python} on {platform};

@@ -142,9 +142,12 @@ def init_distributed() -> DistEnv:
         category=FutureWarning,
     )
     os.environ.update(rank_env_from_slurm(os.environ))
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # A world of one (`python train.py`) meets itself through an in-process store: no port to pick. A free port picked
+    # and released for env:// could be taken before the store bound it (EADDRINUSE, seen with the suite's two workers).
+    # (Also a later run in this process, a local Hydra sweep's next member, which finds the first one's RANK set.)
+    alone = "RANK" not in os.environ or (os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ)
+    if alone:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         # SLURM may bind each task to its own GPU (--gpus-per-task): then it sees one device, whatever its rank.
@@ -154,9 +157,12 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
     owns_group = not dist.is_initialized()
     if owns_group:
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cpu":
             skip_shm_comm()
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        if alone:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
 
 

@@ -39,6 +39,10 @@ def subprocess_env() -> dict[str, str]:
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "nopetrain" / "torch_extensions" / checkout_key)
     )
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    # Not the rendezvous of an in-process group a module fixture holds (set_one_rank_env): a child would join it
+    # (its store's port is taken) instead of making its own. A test that starts ranks sets these itself.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     return env
 
 

@@ -9,8 +9,8 @@ there by it. The loss's memory is then the gradients' (hidden states and one wei
 one chunk's logits. Liger-Kernel's fused linear cross-entropy does the same with a Triton kernel on GPU;
 DeepSpeed's `TiledFusedLogitsLoss` also backpropagates inside its forward, but into the parameters' `.grad` through
 autograd, so under a tied embedding the shared weight's gradient reaches ZeRO's hook twice in one micro-step, which
-ZeRO-2 refuses; here the weight's gradient is returned from backward, so autograd sums it with the embedding's as for
-any tied weight.
+ZeRO-2 refuses ("embed.weight has already been reduced", tried with DeepSpeed 0.19.8); here the weight's gradient
+is returned from backward, so autograd sums it with the embedding's as for any tied weight.
 
 Semantics are `reference_linear_cross_entropy`'s (the mean over labels that are not -100), with two differences:
 the weight's gradient is summed over chunks in fp32 (the plain backward makes one product in the working dtype),

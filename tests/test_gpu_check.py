@@ -3,9 +3,9 @@ benchmark steps as far as a CPU allows, so that a lent GPU's first call does not
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +17,17 @@ from .helpers import REPO, subprocess_env
 
 
 def device_like_python(folder: Path) -> Path:
-    """An interpreter like the device image's: this environment's packages, but nopetrain not installed (this
-    environment's editable install is a .pth file, which a path line does not run). Its own venv, so that the
-    script's install lands there and not in the environment the suite runs in."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    """An interpreter like the device image's: .venv-device's packages (the image's versions and the carried wheels,
+    Makefile), but nopetrain not installed (that venv's editable install is a .pth file, which a path line does not
+    run). Its own venv, so that the script's install lands there and not in .venv-device."""
+    device_venv = os.environ.get("NOPETRAIN_DEVICE_VENV")
+    if not device_venv:
+        pytest.skip("needs the GPU image's versions in .venv-device: run through `make test`")
+    [device_packages] = Path(device_venv).glob("lib/python*/site-packages")
+    python = Path(device_venv) / "bin" / "python"
+    subprocess.run([python, "-m", "venv", "--without-pip", str(folder)], check=True)
     [own] = folder.glob("lib/python*/site-packages")
-    (own / "device_image.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (own / "device_image.pth").write_text(f"{device_packages}\n")
     return folder / "bin" / "python"
 
 
@@ -33,6 +38,8 @@ def test_cpu_smoke_runs_every_step_and_writes_a_summary(tmp_path):
     bare = subprocess.run([python, "-c", "import nopetrain.kernels"], cwd=REPO, capture_output=True, text=True)
     assert "No module named 'nopetrain.kernels'" in bare.stderr, bare.stderr
     env = dict(subprocess_env(), OUT=str(tmp_path), PYTHON=str(python), TMPDIR=str(tmp_path))
+    # Another torch and Python: DeepSpeed's compiled ops go to their own cache, not over this environment's.
+    env["TORCH_EXTENSIONS_DIR"] += "-device"
     proc = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=600,
@@ -46,7 +53,13 @@ def test_cpu_smoke_runs_every_step_and_writes_a_summary(tmp_path):
         assert f"| {name} | skipped: no GPU (--cpu-smoke)" in summary, summary
     # Each step says its time bound as it starts; the versions step names torch, Triton and flash-attn.
     assert "== gpu_tests (at most 300 s)" in proc.stdout
-    assert re.match(r"python 3\.\d+\.\d+, torch .* \(CUDA .*\), triton ", (results / "versions.log").read_text())
+    # ... and they are the image's (requirements-device.txt), not this environment's.
+    pins = dict(re.findall(r"^(torch|triton)==(\S+)", (REPO / "requirements-device.txt").read_text(), re.M))
+    versions = (results / "versions.log").read_text()
+    assert re.match(
+        rf"python 3\.\d+\.\d+, torch {re.escape(pins['torch'])}\S* \(CUDA .*\), triton {re.escape(pins['triton'])}",
+        versions,
+    ), versions
     assert "skipped" in (results / "gpu_tests.log").read_text()
     # The GPU profile at a tiny size: three arms trained, evaluated, the report and the arms' logs brought back.
     report = (results / "results.md").read_text()

@@ -3,7 +3,7 @@ every model preset's heads and head_dim in bf16 and fp32 (nopetrain/kernels/comp
 frame (no local memory), registers and shared memory within the bounds the launch was sized for (see
 qk_norm_rope_triton.BACKWARD_WARPS_PER_SM). The compiles run in a process of their own without TRITON_INTERPRET, which
 other kernel tests set (an interpreted kernel cannot be compiled). Runs under the Triton the environment has: the
-lock's in the suite, the GPU image's 3.6.0 in `make test-device-triton` (part of `make test`). Nothing here imports
+lock's in the suite, the GPU image's 3.6.0 in `make test-device-versions` (part of `make test`). Nothing here imports
 the kernels' module: in the suite's process it must be built in interpreter mode, as the kernel tests build it."""
 
 from __future__ import annotations

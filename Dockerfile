@@ -4,7 +4,7 @@
 #   docker build -t nopetrain .
 #   docker run --gpus all --ipc=host -v "$PWD/runs:/workspace/runs" nopetrain \
 #       launch/torchrun.sh model=smollm_360m precision=bf16
-# On SLURM with enroot/pyxis: python -m nopetrain.launch.slurm --container-image=... (see README, Scaling up).
+# On SLURM with enroot/pyxis: nopetrain-slurm --container-image=... (see docs/cluster.md).
 # The CUDA of the locked torch's wheel (requirements-lock.txt: cuda-toolkit==13.0.x): DeepSpeed's ops and flash-attn
 # compile here with this nvcc for that torch, and both refuse another major version (tests/test_dockerfile.py).
 FROM nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04

@@ -90,10 +90,16 @@ test-latest:
 lock:
 	$(PYTHON) tools/deps.py lock $(foreach pin,$(HOLD),--hold $(pin))
 
+# The import contracts (pyproject.toml, [tool.importlinter]) are checked on the package as it installs: kernels/,
+# data_pipelines/ and launch/ sit under nopetrain/ there, which the checkout's nopetrain/ folder does not show (and
+# lint-imports puts its working directory first on the path, hence the cd).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
+	rm -rf build/import-graph
+	$(PY) -m pip install -q --no-deps --no-build-isolation --no-compile --target build/import-graph .
+	cd build/import-graph && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports --no-cache $(CURDIR)/pyproject.toml
 
 # A real one-node SLURM for tests/test_slurm.py (Debian, as root; the tests skip without it).
 slurm-deps:

@@ -26,7 +26,8 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .atomic import write_bytes
+from nopetrain.atomic import write_bytes
+
 from .corpus_code import code_documents, python_files
 from .corpus_lookup import tokenizer_lookup_text
 from .corpus_math import math_documents

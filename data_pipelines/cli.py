@@ -1,4 +1,5 @@
-"""`python -m nopetrain.data_pipelines <command>`: train-tokenizer, tokenize, build-default, build-lookup.
+"""`nopetrain-data <command>` (or `python -m nopetrain.data_pipelines`): train-tokenizer, tokenize, build-default,
+build-lookup.
 
 A bad input or flag ends the command with one line, `nopetrain-data: error: ...`, and exit status 2, the way
 argparse reports a bad command line.
@@ -19,7 +20,7 @@ PROG = "nopetrain-data"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=" ".join(__doc__.split("\n\n")[0].split()))
     commands = parser.add_subparsers(dest="command", required=True)
     cores = os.cpu_count() or 1
 

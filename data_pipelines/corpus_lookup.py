@@ -9,7 +9,7 @@ at random depths, then the question and its answer, laid out exactly as the eval
     Question: what is the value of the key amber falcon?
     Answer: 4829301
 
-The needles, questions and answers come from `nopetrain.eval.niah.needle_task`, the same text the evaluation hides
+The needles, questions and answers come from `lookup_text.needle_task`, the same text the evaluation hides
 in held-out text at 2-8x the training context. Training on them makes retrieval learnable within the context at tiny
 scale, so the evaluation measures what happens beyond it. Each document fits one training sample with its EOS and is
 tokenized with `whole_documents`, so packing never separates a question from its needles.
@@ -21,12 +21,11 @@ import json
 import random
 from pathlib import Path
 
-from nopetrain.eval.config import NIAH_TASKS
-from nopetrain.eval.niah import needle_task, prompt_text, prose_lines
+from nopetrain.atomic import write_bytes
 
-from .atomic import write_bytes
 from .encoders import Encoder, describe, load
 from .errors import DataError
+from .lookup_text import NIAH_TASKS, needle_task, prompt_text, prose_lines
 from .tokenize_source import tokenize
 
 # Filler is prose (the web source), as the evaluation's haystacks are.
@@ -50,9 +49,10 @@ def lookup_document(
 ) -> str:
     """One document of `task` whose tokens (plus its EOS) fit in `max_tokens`: a line of `filler`, then lines of it
     laid out with the task's needles at random depths and its question exactly as in the evaluation's prompts
-    (`niah.prompt_text`, `niah.build_prompt`), then the answer. The filler's length is drawn uniformly up to what
-    fits, so that training sees every distance between needle and question up to the context, short ones (which
-    teach the look-up fastest) as often as long ones. Values have `value_digits` digits."""
+    (`lookup_text.prompt_text`, as the evaluation's `niah.build_prompt` lays them out), then the answer. The filler's
+    length is drawn uniformly up to what fits, so that training sees every distance between needle and question up
+    to the context, short ones (which teach the look-up fastest) as often as long ones. Values have
+    `value_digits` digits."""
     needles = needle_task(rng, task, value_digits=value_digits)
     depths = [rng.random() for _ in needles.needles]
     answer = f" {needles.answer_text}"

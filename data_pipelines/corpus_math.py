@@ -1,17 +1,10 @@
 """Math for the default corpus: seeded arithmetic and algebra problems with worked solutions.
 
 A problem document reads "Problem: ...", "Solution: ..." (the worked steps), "Result: ...". Its last line is not
-"Answer:": that cue belongs to the long-context evaluation's look-up questions (nopetrain/eval/niah.py, trained on
-in the synthetic look-up source, data_pipelines/corpus_lookup.py), where the answer is copied from the context; a
-computed number after the same cue competed with copying. The look-up text itself (two-word keys, seven-digit
-values, the needle line and the question) is drawn here so that both use one vocabulary:
-
-    key: amber falcon, value: 4829301
-    Question: what is the value of the key amber falcon?
-    Answer: 4829301
-
-The math source holds no look-ups: a look-up needs its needles in the same training sample as its question, which
-only the look-up source (tokenized whole) guarantees; packed math would split most of them.
+"Answer:": that cue belongs to the look-up questions (data_pipelines/lookup_text.py), where the answer is copied
+from the context; a computed number after the same cue competed with copying. The math source holds no look-ups: a
+look-up needs its needles in the same training sample as its question, which only the look-up source (tokenized
+whole) guarantees; packed math would split most of them.
 
 Everything is drawn from the `random.Random` passed in, so a seed gives the same documents on every machine.
 """
@@ -22,43 +15,6 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from fractions import Fraction
-
-ADJECTIVES = (
-    "amber", "ancient", "bitter", "bold", "brave", "bright", "broken", "calm", "clever", "cold", "copper", "crimson",
-    "dark", "distant", "dusty", "eager", "early", "faint", "fierce", "frozen", "gentle", "golden", "green", "hidden",
-    "hollow", "humble", "icy", "idle", "iron", "jolly", "late", "lazy", "little", "lonely", "loud", "lucky", "marble",
-    "misty", "narrow", "noble", "old", "pale", "proud", "purple", "quiet", "rapid", "rough", "round", "rusty",
-    "sacred", "scarlet", "shy", "silent", "silver", "sleepy", "slow", "smooth", "soft", "stone", "sunny", "swift",
-    "tall", "tiny", "velvet", "warm", "wild", "wise", "wooden", "young",
-)  # fmt: skip
-NOUNS = (
-    "anchor", "apple", "arrow", "badger", "banner", "beacon", "bell", "bridge", "brook", "candle", "canyon", "castle",
-    "cedar", "cloud", "comet", "compass", "crane", "crown", "desert", "dragon", "eagle", "ember", "falcon", "feather",
-    "forest", "fountain", "garden", "glacier", "harbor", "hawk", "island", "lantern", "maple", "meadow", "mirror",
-    "monk", "moon", "mountain", "oak", "ocean", "otter", "owl", "palace", "pebble", "pine", "planet", "quarry",
-    "raven", "river", "saddle", "shadow", "ship", "sparrow", "spring", "star", "storm", "sun", "temple", "thunder",
-    "tiger", "tower", "valley", "violin", "whale", "willow", "wind", "wolf",
-)  # fmt: skip
-
-
-def lookup_keys(rng: random.Random, count: int) -> list[str]:
-    """`count` distinct two-word keys."""
-    codes = rng.sample(range(len(ADJECTIVES) * len(NOUNS)), count)
-    return [f"{ADJECTIVES[code // len(NOUNS)]} {NOUNS[code % len(NOUNS)]}" for code in codes]
-
-
-def lookup_value(rng: random.Random, digits: int = 7) -> str:
-    """A value of `digits` digits (the paper's magic numbers have seven)."""
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
-
-
-def lookup_line(key: str, value: str) -> str:
-    return f"key: {key}, value: {value}"
-
-
-def lookup_question(key: str) -> str:
-    # The key unquoted, as in the needle line: a quote before it would tokenize its first word differently.
-    return f"Question: what is the value of the key {key}?\nAnswer:"
 
 
 def _signed(value: int) -> str:

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import staged_directory, write_bytes
+from nopetrain.atomic import staged_directory, write_bytes
+
 from .encoders import Encoder, TokenizerInfo, describe, load
 from .errors import DataError
 from .inputs import iter_documents, resolve_inputs

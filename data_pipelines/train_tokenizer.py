@@ -15,7 +15,8 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import write_bytes
+from nopetrain.atomic import write_bytes
+
 from .errors import DataError, one_line
 from .inputs import iter_documents, resolve_inputs
 

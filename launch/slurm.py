@@ -1,6 +1,6 @@
 """Writes (and optionally submits) a preemption-safe sbatch file for training on SLURM.
 
-    python -m nopetrain.launch.slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu \
+    nopetrain-slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu \
         --mode torchrun --signal-grace 300 --submit -- model=smollm_360m deepspeed=zero2
 
 Two layouts: `torchrun` (one task per node runs torchrun; c10d rendezvous on the job's first node) and
@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nopetrain.data_pipelines.atomic import write_bytes
+from nopetrain.atomic import write_bytes
 from nopetrain.exits import PREEMPTED
 from nopetrain.preemption import PREEMPTED_BY_FILE
 from nopetrain.slurm import PORT_BASE, PORT_SPAN
@@ -264,7 +264,7 @@ exit "$rc"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m nopetrain.launch.slurm",
+        prog="nopetrain-slurm",
         description="Write (and optionally submit) a preemption-safe sbatch file; Hydra overrides go after --.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = job.workdir / job.log_dir
         output = args.output or log_dir / f"{job.job_name}.sbatch"
         # Newlines in an argument would end the comment line that records the command.
-        command_line = shlex.join(["python", "-m", "nopetrain.launch.slurm", *argv]).replace("\n", " ")
+        command_line = shlex.join(["nopetrain-slurm", *argv]).replace("\n", " ")
         output.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(output, render(job, command_line).encode(), mode=0o755)
         # SLURM does not create the directory of --output; a job whose log cannot be opened fails silently.
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.submit:
             print(f"submitted job {submit(output, job.workdir)}")
     except LaunchError as err:
-        print(f"nopetrain.launch.slurm: error: {err}", file=sys.stderr)
+        print(f"nopetrain-slurm: error: {err}", file=sys.stderr)
         return 2
     return 0
 

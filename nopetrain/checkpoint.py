@@ -48,9 +48,9 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from nopetrain.atomic import write_bytes
 from nopetrain.config import ConfigError, ModelConfig, validate_model
-from nopetrain.data_pipelines.atomic import write_bytes
-from nopetrain.exits import error_line
+from nopetrain.exits import ExitError, error_line
 from nopetrain.model import Transformer
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -65,8 +65,9 @@ DEEPSPEED_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_addr
 log = logging.getLogger("nopetrain")
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint file that would need more than tensors and plain data to load; the message names the file."""
+class CheckpointError(ExitError, ValueError):
+    """A checkpoint that cannot be used: not one, unreadable, damaged, or a file that would need more than tensors and
+    plain data to load. The message names the file or folder; refused (exit 2): retrying cannot fix it."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -80,6 +81,27 @@ def tag_for(step: int) -> str:
 def step_of(path: Path) -> int:
     """The step of a checkpoint directory named by tag_for."""
     return int(TAG_PATTERN.match(path.name).group(1))
+
+
+# What a user types: RUN/checkpoints/step_1000 for the folder step_00001000.
+UNPADDED_TAG = re.compile(r"^step_(\d+)$")
+
+
+def padded(path: Path) -> Path:
+    """`RUN/checkpoints/step_N` as the folder is named (step_00000N); any other path as it is."""
+    tag = UNPADDED_TAG.match(path.name)
+    return path.parent / tag_for(int(tag[1])) if tag else path
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint `path` names: a checkpoint folder, `RUN/checkpoints/step_N` with N padded or not, or a run
+    directory (its newest complete checkpoint); CheckpointError where it names none."""
+    if (padded(path) / TRAINER_STATE).is_file():
+        return padded(path)
+    found = complete_checkpoints(checkpoint_root(path))
+    if not found:
+        raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with complete checkpoints")
+    return found[-1]
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -254,10 +276,10 @@ def resolve_resume(resume: str, run_dir: str | Path, rewind: bool) -> Path | Non
     if dist.get_rank() == 0:
         try:
             outcome[0] = _choose_checkpoint(resume, checkpoint_root(run_dir), rewind)
-        except ConfigError as err:
+        except ExitError as err:
             outcome[0] = err
     dist.broadcast_object_list(outcome, src=0)
-    if isinstance(outcome[0], ConfigError):
+    if isinstance(outcome[0], ExitError):
         raise outcome[0]
     return outcome[0]
 
@@ -287,7 +309,7 @@ def _choose_checkpoint(resume: str, root: Path, rewind: bool) -> Path | None:
                 "use checkpoint.resume=auto to continue or choose another run.name"
             )
         return None
-    path = Path(resume)
+    path = padded(Path(resume))
     if not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"checkpoint.resume={resume}: not a complete nopetrain checkpoint (no {TRAINER_STATE})")
     damage = find_damage(path)

@@ -30,33 +30,46 @@ QK_NORM_CHOICES = ("none", "qk", "q")
 
 @dataclass
 class ModelConfig:
+    # The preset's name (configs/model/), also the default run.name.
     name: str = "tiny"
+    # Rows of the embedding and the LM head; at least the tokenizer's vocabulary.
     vocab_size: int = 512
+    # Width of the residual stream.
     hidden_size: int = 128
+    # Width of the SwiGLU MLP's hidden layer.
     intermediate_size: int = 344
+    # Transformer blocks.
     num_layers: int = 4
+    # Query heads; num_kv_heads key/value heads shared by groups of them (GQA), equal for multi-head attention.
     num_heads: int = 4
+    # Key/value heads; num_heads must be a multiple of it.
     num_kv_heads: int = 2
     # Defaults to hidden_size // num_heads; set it for models whose heads are wider or narrower.
     head_dim: int | None = None
+    # The LM head shares the embedding's weight.
     tie_embeddings: bool = True
     # Biases on the q, k and v projections (Qwen2); every other projection is bias-free.
     qkv_bias: bool = False
+    # RoPE's base: frequencies theta^(-2m/head_dim).
     rope_theta: float = 10000.0
     # Hugging Face SmolLM3 convention: layer i is NoPE iff (i + 1) % interval == 0; 0 means RoPE everywhere.
     no_rope_layer_interval: int | None = None
     # Explicit per-layer list, 1 = RoPE, 0 = NoPE. Exclusive with no_rope_layer_interval.
     no_rope_layers: list[int] | None = None
+    # Per-head RMS norm of queries and keys before RoPE: none, qk, or q (query only). A DroPE switch sets it.
     qk_norm: str = "none"
     # Sliding-window attention on the RoPE layers only (NoPE layers stay global): RNoPE-SWA is a config.
     sliding_window: int | None = None
     # Multiplies the softmax logits at every length.
     attn_logit_scale: float = 1.0
     # DroPE's length scaling on top of it: beta = 1 + c ln(s), s = max(1, input length / train_context). c is fitted
-    # on held-out perplexity by `python -m nopetrain.eval`; 0 leaves the logits alone at every length.
+    # on held-out perplexity by `nopetrain-eval`; 0 leaves the logits alone at every length.
     logit_scale_coef: float = 0.0
+    # The context the logit scale's s is measured against (the fit sets it with c).
     train_context: int | None = None
+    # RMSNorm's epsilon.
     norm_eps: float = 1e-5
+    # Standard deviation of the normal initialisation of every weight matrix.
     init_std: float = 0.02
 
     @property
@@ -81,9 +94,13 @@ class ModelConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    # The preset's name (configs/deepspeed/).
     name: str = "zero1"
+    # ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.
     stage: int = 1
+    # Optimizer state and step on the CPU (DeepSpeed's CPU Adam).
     offload_optimizer: bool = False
+    # ZeRO-3 parameters on the CPU between uses.
     offload_params: bool = False
     # Merged last into the generated DeepSpeed JSON, for settings this schema does not name.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -91,7 +108,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class SourceConfig:
-    # A directory (or URL) holding a manifest.json written by `nopetrain.data_pipelines tokenize`, or a brace
+    # A directory (or URL) holding a manifest.json written by `nopetrain-data tokenize`, or a brace
     # pattern / list of webdataset .tar URLs (e.g. "s3://bucket/web-{000000..000099}.tar" via webdataset's gopen).
     path: str = "???"
     # Relative sampling weight within its group (and overall when no curriculum phase names weights).
@@ -102,12 +119,14 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    # The preset's name (configs/data/).
     name: str = "synthetic"
     # shards: webdataset token shards mixed by weight; synthetic: a built-in generator, no files needed.
     kind: str = "synthetic"
     # The corpus folder the shipped data configs' source paths start with (`${data.root}/train/web`), so a corpus
     # built elsewhere is one override: data.root=/scratch/corpus.
     root: str = ""
+    # The data sources by name; curriculum phases weight them by group.
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     # DataLoader worker processes per source and rank; 0 reads in the training process.
     num_workers: int = 1
@@ -121,12 +140,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # AdamW's peak learning rate (the schedule scales it).
     lr: float = 1e-3
+    # AdamW's (beta1, beta2).
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # AdamW's epsilon.
     eps: float = 1e-8
+    # Decoupled weight decay on the weight matrices; never on norms and biases.
     weight_decay: float = 0.1
     # SmolLM3 keeps weight decay off the embeddings as well as off norms and biases.
     decay_embeddings: bool = False
+    # Gradient norm clipped to this over all parameters; 0 for none.
     grad_clip: float = 1.0
 
 
@@ -134,22 +158,29 @@ class OptimConfig:
 class ScheduleConfig:
     # cosine: warmup then cosine to min_lr_ratio; wsd: warmup, constant, linear decay over the last decay_fraction.
     name: str = "cosine"
+    # Linear warmup from 0 to optim.lr.
     warmup_steps: int = 10
+    # The final LR as a fraction of optim.lr.
     min_lr_ratio: float = 0.1
+    # wsd: the decay's share of the run, unless curriculum.decay_phase says where it starts.
     decay_fraction: float = 0.1
 
 
 @dataclass
 class PhaseConfig:
+    # Logged at the phase change, in metrics.jsonl, W&B and the checkpoint.
     name: str = "???"
     # Length: at most one of steps, tokens, fraction (of `steps`); a phase with none runs to the end of the run.
     steps: int | None = None
+    # The phase's length in tokens, rounded to whole steps.
     tokens: int | None = None
+    # The phase's length as a fraction of the run's `steps`.
     fraction: float | None = None
     # Mixture weights by source group (or source name); groups not named get weight 0. Empty: data.sources weights.
     weights: dict[str, float] = field(default_factory=dict)
     # Optional per-phase sequence length and batch size (sequences per optimizer step).
     seq_len: int | None = None
+    # The phase's sequences per optimizer step; null: the run's global_batch_size.
     global_batch_size: int | None = None
 
 
@@ -157,32 +188,43 @@ class PhaseConfig:
 class DropeConfig:
     # When RoPE is dropped from every layer: at most one of at_step, at_fraction (of `steps`), at_phase (its start).
     at_step: int | None = None
+    # The drop as a fraction of the run's steps.
     at_fraction: float | None = None
+    # The drop at the start of the phase of this name.
     at_phase: str | None = None
     # QK-norm added at the drop (unit gains): none, qk, or q (query only).
     qk_norm: str = "none"
     # Recalibration schedule from the drop to the end of the run; lr null keeps the main schedule going.
     lr: float | None = None
+    # Linear warmup of the recalibration LR, in steps from the drop.
     warmup_steps: int = 0
     # Or the warmup as a fraction of the recalibration steps (the paper: 70 of 2K steps, 490 of ~30K).
     warmup_fraction: float | None = None
+    # cosine or constant after the warmup.
     schedule: str = "cosine"
+    # The recalibration's final LR as a fraction of its lr.
     min_lr_ratio: float = 0.0
+    # Zero AdamW's moments and step at the drop (needed when the run starts from a checkpoint taken before it).
     reset_optimizer: bool = False
 
 
 @dataclass
 class CurriculumConfig:
+    # The preset's name (configs/curriculum/).
     name: str = "single"
+    # The run's phases in order; empty: one phase, the whole run.
     phases: list[PhaseConfig] = field(default_factory=list)
     # Warmup-stable-decay: the decay starts at this phase (SmolLM3's decay stage starts the annealing phase).
     decay_phase: str | None = None
+    # The DroPE switch and its recalibration.
     drope: DropeConfig = field(default_factory=DropeConfig)
 
 
 @dataclass
 class CheckpointConfig:
+    # A checkpoint every this many steps (and at the end, at stop_at_step and on a preemption signal).
     every: int = 100
+    # Complete checkpoints kept; older ones are pruned after each save.
     keep: int = 2
     # Also saved at these steps and never pruned: the steps other runs start from (a DroPE run recalibrating this
     # run's weights from the drop step on, `checkpoint.resume=.../step_N`).
@@ -197,10 +239,15 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
+    # online (needs `wandb login` or WANDB_API_KEY), offline (run.dir/wandb/, `wandb sync` uploads it), disabled.
     mode: str = "offline"
+    # The W&B project the runs are logged to.
     project: str = "nopetrain"
+    # The W&B team or user; null: the logged-in user's default.
     entity: str | None = None
+    # Runs grouped in the W&B UI (a sweep sets its own).
     group: str | None = None
+    # Labels on the W&B run.
     tags: list[str] = field(default_factory=list)
 
 
@@ -209,20 +256,25 @@ class TrainingEvalConfig:
     # Held-out perplexity at multiples of the current sequence length every `every` steps (0: off), logged as
     # eval/ppl_{k}x; a multiple of log_every, since it is logged with that step's metrics.
     every: int = 0
+    # Lengths as multiples of the current sequence length.
     factors: list[int] = field(default_factory=lambda: [1, 2, 4])
     # Held-out documents per length (the first ones long enough) from `source`, a folder with manifest.json
     # tokenized like the training data (e.g. data/default/heldout/web).
     documents: int = 4
+    # The held-out folder those documents come from; null: off.
     source: str | None = None
 
 
 @dataclass
 class RunConfig:
+    # The run's name: its folder, its W&B run name. Starting a run of the same name resumes it.
     name: str = "${model.name}"
+    # Checkpoints, config.yaml, metrics.jsonl, logs/, tokenizer/ and W&B's offline files.
     dir: str = "runs/${run.name}"
     # Set for the members of a sweep (train.py -m): the member's number and its command-line overrides, which
     # config.yaml and the W&B run's config then carry.
     sweep_member: int | None = None
+    # The sweep member's own command-line overrides (set by the sweep, like sweep_member).
     sweep_overrides: list[str] = field(default_factory=list)
 
 
@@ -231,6 +283,7 @@ class PlanConfig:
     # The cluster a dry run (dry_run=true, nopetrain/plan.py) plans for; a real run ignores these keys.
     # Processes, one per GPU; null: $WORLD_SIZE when set (torchrun), else 1.
     world_size: int | None = None
+    # GPUs of a node: what the plan's per-node figures and launch commands assume.
     gpus_per_node: int = 8
     # A device of nopetrain.metrics.GPUS (H100, H200, A100, ...): its peak and memory; peak_tflops overrides the peak.
     gpu: str = "H100"
@@ -270,6 +323,7 @@ class ProfileConfig:
     # CUDA activity, memory, shapes, stacks) into run.dir/profile/, on a GPU with a CUDA memory snapshot
     # (nopetrain/profiling.py). 0 steps: off.
     steps: int = 0
+    # The first profiled step, after start-up and compilation.
     start: int = 3
 
 
@@ -295,20 +349,27 @@ class TrainConfig:
     # Start from pretrained weights: "hf:/local/folder" (Llama, SmolLM, SmolLM3); the model's shape comes from its
     # config.json. Ignored when resuming from one of our checkpoints.
     init_from: str | None = None
+    # Optimizer steps of the whole run; phases, schedules and the DroPE switch are placed within them.
     steps: int = 100
     # Checkpoint and exit once this global step is reached; the LR schedule still spans `steps` (time-sliced jobs).
     stop_at_step: int | None = None
+    # Tokens per training sequence (a phase may set its own).
     seq_len: int = 256
+    # Sequences per forward and backward on each rank.
     micro_batch_size: int = 8
     # Sequences per optimizer step over all ranks; gradient accumulation = global / (micro * world size).
     global_batch_size: int = 8
     # auto: bf16 where the device supports it, else fp32.
     precision: str = "auto"
+    # Model initialisation, data order and mixture draws: the same seed gives the same run.
     seed: int = 1234
+    # Steps between metrics lines (console, metrics.jsonl, W&B); the only host syncs of the loop.
     log_every: int = 10
     # Peak FLOP/s per device for MFU; when unset it comes from the device table in nopetrain.metrics.
     peak_tflops: float | None = None
+    # Optimizer steps in a row with non-finite gradients (each skipped) before the run stops with exit code 3.
     max_consecutive_nonfinite: int = 5
+    # torch.compile the model's forward and loss as one graph.
     compile: bool = False
     # The fused q/k prologue: auto (Triton kernel on CUDA, PyTorch reference on CPU), triton, or torch.
     kernels: str = "auto"

@@ -1,8 +1,8 @@
 """A run as a sequence of phases, resolved to optimizer steps, with the DroPE switch and the learning rate.
 
-`resolve(cfg)` turns the curriculum config into a `Plan`: each phase's first and last step, its mixture weights
+`resolve(cfg)` turns the curriculum config into a `Schedule`: each phase's first and last step, its mixture weights
 per data source, sequence length and batch size; the step at which RoPE is dropped; where the WSD decay starts.
-The trainer asks the plan what happens at each step, before that step's forward pass.
+The trainer asks the schedule what happens at each step, before that step's forward pass.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Phase:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Schedule:
     phases: tuple[Phase, ...]
     total_steps: int
     drope_step: int | None
@@ -83,8 +83,8 @@ def _phase_steps(cfg: TrainConfig, phase: PhaseConfig, index: int, seq_len: int,
     return steps, f"{key} ({steps} steps)"
 
 
-def resolve(cfg: TrainConfig, world_size: int) -> Plan:
-    """The run's plan on `world_size` processes; raises ConfigError naming the curriculum key that cannot work."""
+def resolve(cfg: TrainConfig, world_size: int) -> Schedule:
+    """The run's schedule on `world_size` processes; raises ConfigError naming the curriculum key that cannot work."""
     phase_cfgs = list(cfg.curriculum.phases) or [PhaseConfig(name="main")]
     phases: list[Phase] = []
     # The keys that set the lengths so far, for naming them when they add up to more than the run.
@@ -123,7 +123,7 @@ def resolve(cfg: TrainConfig, world_size: int) -> Plan:
     if len(set(names)) != len(names):
         raise ConfigError(f"curriculum phase names {names} must be unique")
     drope_step = _drope_step(cfg, phases)
-    return Plan(tuple(phases), cfg.steps, drope_step, _drope_warmup(cfg, drope_step), _decay_start(cfg, phases))
+    return Schedule(tuple(phases), cfg.steps, drope_step, _drope_warmup(cfg, drope_step), _decay_start(cfg, phases))
 
 
 def _start_of(phases: list[Phase], name: str, key: str) -> int:
@@ -175,14 +175,14 @@ def _decay_start(cfg: TrainConfig, phases: list[Phase]) -> int | None:
     return _start_of(phases, cfg.curriculum.decay_phase, "curriculum.decay_phase")
 
 
-def learning_rate(plan: Plan, cfg: TrainConfig, step: int) -> float:
+def learning_rate(schedule: Schedule, cfg: TrainConfig, step: int) -> float:
     """LR for optimizer step `step`: the main schedule, or after the DroPE switch its recalibration schedule
     (warmup to drope.lr, then cosine or constant to the end of the run) when drope.lr is set."""
     drope = cfg.curriculum.drope
-    if plan.drope_step is None or drope.lr is None or step < plan.drope_step:
-        return lr_at(step, plan.total_steps, cfg.optim.lr, cfg.schedule, plan.decay_start)
-    since = step - plan.drope_step
+    if schedule.drope_step is None or drope.lr is None or step < schedule.drope_step:
+        return lr_at(step, schedule.total_steps, cfg.optim.lr, cfg.schedule, schedule.decay_start)
+    since = step - schedule.drope_step
     if drope.schedule == "constant":
-        return drope.lr * min(1.0, (since + 1) / max(1, plan.drope_warmup))
-    remaining = plan.total_steps - plan.drope_step
-    return warmup_cosine(since, plan.drope_warmup, remaining, drope.lr, drope.lr * drope.min_lr_ratio)
+        return drope.lr * min(1.0, (since + 1) / max(1, schedule.drope_warmup))
+    remaining = schedule.total_steps - schedule.drope_step
+    return warmup_cosine(since, schedule.drope_warmup, remaining, drope.lr, drope.lr * drope.min_lr_ratio)

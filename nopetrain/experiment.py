@@ -1,6 +1,6 @@
 """Experiments: several training arms from one config, trained and then evaluated side by side.
 
-    python -m nopetrain.experiment drope_tiny [key=value ...]      # or a path to an experiment YAML
+    nopetrain-experiment drope_tiny [key=value ...]      # or a path to an experiment YAML
 
 `configs/experiment/NAME.yaml` (schema: `ExperimentConfig`) names the corpus, the train.py overrides every arm
 shares, the arms with their own overrides, and the evaluation (`nopetrain.eval` keys). The runner builds the corpus
@@ -28,16 +28,17 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nopetrain.atomic import write_bytes
 from nopetrain.checkpoint import checkpoint_root, complete_checkpoints, tag_for
 from nopetrain.config import ConfigError
-from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.data_pipelines.build_default import build_default
 from nopetrain.data_pipelines.corpus_lookup import build_lookup
-from nopetrain.data_pipelines.errors import DataError
-from nopetrain.eval.config import NIAH_TASKS, EvalConfig
+from nopetrain.data_pipelines.lookup_text import NIAH_TASKS
+from nopetrain.eval.config import EvalConfig
 from nopetrain.eval.config import validate as validate_eval
 from nopetrain.eval.evaluate import evaluate
 from nopetrain.eval.report import write_report
+from nopetrain.exits import CRASHED, REFUSED, ExitError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "experiment"
@@ -91,6 +92,16 @@ class ExperimentConfig:
     threads_per_arm: int = 1
     # nopetrain.eval keys; the runner fills in `models` (one per arm), the report goes to `out`.
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(out="${out}"))
+
+
+class ArmFailed(ExitError):
+    """Arms whose training failed, by the exit codes of those that ran (an arm that waited on a failed one does not
+    count): the experiment was refused (2) where each of them refused its config or data, else it crashed (1)."""
+
+    def __init__(self, message: str, arm_exit_codes: list[int]) -> None:
+        super().__init__(message)
+        refused = bool(arm_exit_codes) and all(code == REFUSED for code in arm_exit_codes)
+        self.exit_code = REFUSED if refused else CRASHED
 
 
 def load_config(name: str, overrides: list[str]) -> ExperimentConfig:
@@ -204,6 +215,7 @@ def train_arms(cfg: ExperimentConfig) -> None:
     pending = list(cfg.arms.items())
     running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
     failed: list[str] = []
+    exit_codes: list[int] = []
     while pending or running:
         waiting = {arm for arm, spec in pending if (start := start_checkpoint(cfg, spec)) and not start.is_dir()}
         for arm, spec in [(arm, spec) for arm, spec in pending if arm in waiting]:
@@ -231,10 +243,11 @@ def train_arms(cfg: ExperimentConfig) -> None:
             del running[arm]
             if process.returncode != 0:
                 failed.append(f"{arm} (exit {process.returncode}, see {log_file})")
+                exit_codes.append(process.returncode)
             else:
                 print(f"arm {arm} done in {time.time() - started:.0f} s", flush=True)
     if failed:
-        raise ConfigError(f"experiment {cfg.name}: training failed for arm(s) {', '.join(failed)}")
+        raise ArmFailed(f"experiment {cfg.name}: training failed for arm(s) {', '.join(failed)}", exit_codes)
 
 
 def checkout_commit() -> str:
@@ -255,7 +268,7 @@ def protocol(cfg: ExperimentConfig, argv: list[str], commit: str, seconds: dict[
         [
             "## Protocol",
             "",
-            f"- command: `python -m nopetrain.experiment {' '.join(argv)}`",
+            f"- command: `nopetrain-experiment {' '.join(argv)}`",
             f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- machine: {machine}; torch {torch.__version__}",
             f"- commit at the start: {commit}",
@@ -286,18 +299,25 @@ def run(cfg: ExperimentConfig, argv: list[str]) -> dict[str, Path]:
     return files
 
 
+USAGE = "usage: nopetrain-experiment NAME|PATH.yaml [key=value ...]"
+
+
 def main(argv: list[str] | None = None) -> int:
     # The evaluation reports each model x method x length as it finishes (logger nopetrain.eval).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        known = ", ".join(sorted(path.stem for path in CONFIGS.glob("*.yaml")))
+        print(f"{USAGE}\n\n{__doc__.splitlines()[0]}\nexperiments in {CONFIGS}: {known}")
+        return 0
     if not args or "=" in args[0]:
-        print("usage: python -m nopetrain.experiment NAME [key=value ...]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         files = run(load_config(args[0], args[1:]), args)
-    except (ConfigError, DataError) as err:
+    except ExitError as err:
         print(f"nopetrain-experiment: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0

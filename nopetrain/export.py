@@ -1,6 +1,8 @@
 """Export a training checkpoint as a Hugging Face model folder.
 
-    python -m nopetrain.export --checkpoint RUN/checkpoints/step_N --output DIR [--dtype float32|bfloat16]
+    nopetrain-export --checkpoint RUN_DIR|RUN/checkpoints/step_N --output DIR [--dtype float32|bfloat16]
+
+A run directory exports its newest complete checkpoint; step_N may be written unpadded (step_1000).
 
 The fp32 weights are gathered from any ZeRO stage (DeepSpeed's offline zero_to_fp32, no process group needed) and
 checked by loading them into our Transformer. The model is the one the checkpoint's `model_config` describes, i.e.
@@ -11,7 +13,7 @@ as it is at that step (after a DroPE switch: all layers NoPE, QK-norm as switche
   a sliding window is written as explicit `layer_types` on the RoPE layers (SmolLM3's own default would window the
   NoPE layers instead).
 - SmolLM3 plus shipped modeling code (`model_type: nopetrain`), when QK-norm is in use or the logit scale is not 1
-  (including a length-dependent one fitted by `python -m nopetrain.eval`, read from `logit_scale.json` beside the
+  (including a length-dependent one fitted by `nopetrain-eval`, read from `logit_scale.json` beside the
   checkpoint).
   configuration_nopetrain.py and modeling_nopetrain.py (from nopetrain/hf_remote/) are copied into DIR and named in
   config.json's `auto_map`: `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. Stock transformers
@@ -40,7 +42,7 @@ from typing import Any
 
 import torch
 
-from nopetrain.checkpoint import TRAINER_STATE, CheckpointError, read_checkpoint
+from nopetrain.checkpoint import TRAINER_STATE, CheckpointError, find_checkpoint, read_checkpoint
 from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.eval import logit_scale
 from nopetrain.exits import error_line
@@ -206,6 +208,7 @@ def export(checkpoint: Path, output: Path, dtype: str = "float32") -> str:
     if output.exists():
         raise ExportError(f"{output}: already exists; remove it or choose another --output")
     try:
+        checkpoint = find_checkpoint(checkpoint)
         ckpt = read_checkpoint(checkpoint)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
@@ -215,7 +218,7 @@ def export(checkpoint: Path, output: Path, dtype: str = "float32") -> str:
     except ConfigError as err:
         raise ExportError(str(err)) from None
     if fitted is not None:
-        # DroPE's logit scale fitted by `python -m nopetrain.eval` travels with the weights.
+        # DroPE's logit scale fitted by `nopetrain-eval` travels with the weights.
         cfg.logit_scale_coef, cfg.train_context = fitted.coef, fitted.train_context
     output.parent.mkdir(parents=True, exist_ok=True)
     # Beside the output, so the final rename stays on one filesystem; mkdir (not mkdtemp) keeps the umask's mode.
@@ -247,7 +250,12 @@ def export(checkpoint: Path, output: Path, dtype: str = "float32") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nopetrain-export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="RUN/checkpoints/step_N")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a run directory (its newest checkpoint) or RUN/checkpoints/step_N",
+    )
     parser.add_argument("--output", required=True, type=Path, help="folder to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args(argv)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nopetrain.atomic import write_bytes
 from nopetrain.config import ModelConfig, TrainConfig
-from nopetrain.data_pipelines.atomic import write_bytes
 
 log = logging.getLogger("nopetrain")
 

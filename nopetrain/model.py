@@ -14,9 +14,9 @@ from torch import nn
 
 from nopetrain.activation_checkpointing import checkpointed_blocks, run_checkpointed
 from nopetrain.config import ActivationCheckpointingConfig, ModelConfig
-from nopetrain.eval.rope_scaling import RopeScaling, inverse_frequencies, logit_factor
 from nopetrain.kernels import DocumentSegments, attention, qk_norm_rope, rms_norm
 from nopetrain.kernels.linear_cross_entropy import linear_cross_entropy
+from nopetrain.rope import RopeScaling, logit_factor, rope_tables
 
 
 class Linear(nn.Linear):
@@ -49,20 +49,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-def rope_tables(
-    positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None, seq_len: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables (batch or 1, seq, head_dim) for integer positions (batch or 1, seq), with the
-    frequencies of an evaluation-time RoPE-scaling method when `scaling` is set (dynamic methods follow `seq_len`,
-    the input's whole length, by default the number of positions).
-
-    Always fp32: bf16 tables lose the low-frequency angles and are known to diverge training."""
-    inv_freq = inverse_frequencies(head_dim, theta, scaling, seq_len or positions.shape[-1], positions.device)
-    angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
 
 
 def qk_norm_union(first: str, second: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from nopetrain.data_pipelines.atomic import write_bytes
+from nopetrain.atomic import write_bytes
 from nopetrain.exits import ExitError, exit_code_of, one_line
 
 LOCK_FILE = "run.lock"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nopetrain.config import ConfigError, ModelConfig, TrainConfig, planned_world_size, validate, validate_plan
-from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
+from nopetrain.curriculum import Phase, Schedule, learning_rate, resolve
 from nopetrain.drope import dormant_qk_norm, drop_rope
 from nopetrain.hf import pretrained_model
 from nopetrain.metrics import GPUS, flops_per_token, gpu_spec, named_peak_tflops
@@ -42,7 +42,7 @@ class PhasePlan:
 class RunPlan:
     cfg: TrainConfig
     world_size: int
-    curriculum: Plan
+    curriculum: Schedule
     phases: tuple[PhasePlan, ...]
     parameters: int
     largest_layer: int  # parameters of the largest module, which ZeRO-3 gathers whole
@@ -95,7 +95,7 @@ class ModelsTrained:
     by_phase: tuple[tuple[Phase, tuple[ModelConfig, ...]], ...]  # the models each phase trains
 
 
-def models_trained(cfg: TrainConfig, curriculum: Plan) -> ModelsTrained:
+def models_trained(cfg: TrainConfig, curriculum: Schedule) -> ModelsTrained:
     extra_qk_norm = dormant_qk_norm(cfg.curriculum.drope, curriculum.drope_step)
     with torch.device("meta"):
         model = Transformer(dataclasses.replace(cfg.model), extra_qk_norm)

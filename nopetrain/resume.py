@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from nopetrain import checkpoint
 from nopetrain.config import ConfigError, TrainConfig
-from nopetrain.curriculum import Plan, resolve
+from nopetrain.curriculum import Schedule, resolve
 from nopetrain.drope import starts_drope_on_rope_checkpoint
 from nopetrain.metrics import set_aside_rows
 from nopetrain.parallel import DistEnv
@@ -53,7 +53,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def changes_the_past(key: str) -> bool:
     """Whether a resumed run with another value of `key` would no longer continue the steps already taken: the
     model's shape, the seed (it orders the shards not read yet), what the data sources are. Phase lengths, weights,
-    sequence lengths and batch sizes are judged on the resolved plan instead (see passed_plan)."""
+    sequence lengths and batch sizes are judged on the resolved schedule instead (see passed_schedule)."""
     if key.startswith("model."):
         return key.removeprefix("model.") not in RUNTIME_MODEL_KEYS
     return key in ("seed", "data.kind", "data.successors_per_token") or (
@@ -61,18 +61,18 @@ def changes_the_past(key: str) -> bool:
     )
 
 
-def passed_plan(plan: Plan, step: int) -> str:
-    """What the first `step` steps of `plan` ran: each phase begun (its steps up to `step`, sequence length, batch,
+def passed_schedule(schedule: Schedule, step: int) -> str:
+    """What the first `step` steps of `schedule` ran: each phase begun (its steps up to `step`, sequence length, batch,
     weights) and the DroPE switch if it came before."""
     # Weights sorted by source: a saved config's sources come back from trainer_state.json in sorted order.
     done = [
         f"{phase.name} steps {phase.start + 1}-{min(phase.end, step)} seq_len {phase.seq_len} batch "
         f"{phase.global_batch_size} weights {dict(sorted(phase.weights.items()))}"
-        for phase in plan.phases
+        for phase in schedule.phases
         if phase.start < step
     ]
-    if plan.drope_step is not None and plan.drope_step < step:
-        done.append(f"DroPE from step {plan.drope_step + 1}")
+    if schedule.drope_step is not None and schedule.drope_step < step:
+        done.append(f"DroPE from step {schedule.drope_step + 1}")
     return "; ".join(done)
 
 
@@ -81,7 +81,7 @@ def saved_config(saved: dict[str, Any]) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"]))
 
 
-def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, plan: Plan, path: Path) -> None:
+def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, schedule: Schedule, path: Path) -> None:
     """Compares the config of a resumed run with checkpoint `path`'s (`saved`: its trainer state). Raises ConfigError
     naming the key and both values when a change would rewrite the steps already taken; logs the other changes in one
     warning line."""
@@ -95,7 +95,10 @@ def check_resumed_config(saved: dict[str, Any], cfg: TrainConfig, plan: Plan, pa
     for key in changed:
         if changes_the_past(key):
             raise ConfigError(f"{key}={new[key]!r} but checkpoint {path} was trained with {key}={old.get(key)!r}")
-    before, now = passed_plan(resolve(saved_config(saved), saved["world_size"]), step), passed_plan(plan, step)
+    before, now = (
+        passed_schedule(resolve(saved_config(saved), saved["world_size"]), step),
+        passed_schedule(schedule, step),
+    )
     if before != now:
         raise ConfigError(
             f"the config changes the curriculum's first {step} steps, which checkpoint {path} has run: "
@@ -135,7 +138,7 @@ class Resume:
     weights_only: bool  # DroPE started on a RoPE checkpoint: its weights, a fresh optimizer
 
 
-def prepare_resume(cfg: TrainConfig, env: DistEnv, plan: Plan) -> Resume | None:
+def prepare_resume(cfg: TrainConfig, env: DistEnv, schedule: Schedule) -> Resume | None:
     """The checkpoint this start continues from, checked against the config (ConfigError naming the key when it
     cannot continue it), with what lies beyond its step set aside; None for a fresh start. Every rank calls it."""
     run_dir = Path(cfg.run.dir)
@@ -143,11 +146,11 @@ def prepare_resume(cfg: TrainConfig, env: DistEnv, plan: Plan) -> Resume | None:
     if path is None:
         return None
     saved = checkpoint.read_trainer_state(path)
-    check_resumed_config(saved, cfg, plan, path)
+    check_resumed_config(saved, cfg, schedule, path)
     saved_cfg = saved_config(saved)
     saved_drope_step = resolve(saved_cfg, saved["world_size"]).drope_step
     weights_only = starts_drope_on_rope_checkpoint(
-        saved_cfg, saved["step"], saved_drope_step, cfg, plan.drope_step, path
+        saved_cfg, saved["step"], saved_drope_step, cfg, schedule.drope_step, path
     )
     if weights_only and saved["world_size"] != env.world_size:
         raise ConfigError(

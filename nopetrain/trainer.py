@@ -22,10 +22,10 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from nopetrain import checkpoint
+from nopetrain.atomic import write_bytes
 from nopetrain.config import TrainConfig, validate
-from nopetrain.curriculum import Phase, Plan, learning_rate, resolve
+from nopetrain.curriculum import Phase, Schedule, learning_rate, resolve
 from nopetrain.data.phased import PhasedStream
-from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.drope import dormant_qk_norm, reset_optimizer_state, switch_to_nope
 from nopetrain.eval.training import TrainingEval
 from nopetrain.exits import NONFINITE, ExitError
@@ -59,25 +59,25 @@ class Trainer:
         self,
         cfg: TrainConfig,
         env: DistEnv,
-        plan: Plan,
+        schedule: Schedule,
         pretrained: dict[str, Any] | None,
         resize: bool,
         watch: PreemptionWatch,
     ) -> None:
         """`resize`: the run resumes from a checkpoint written by another number of processes."""
-        self.cfg, self.env, self.plan, self.watch = cfg, env, plan, watch
+        self.cfg, self.env, self.schedule, self.watch = cfg, env, schedule, watch
         self.run_dir = Path(cfg.run.dir)
-        extra_qk_norm = dormant_qk_norm(cfg.curriculum.drope, plan.drope_step)
+        extra_qk_norm = dormant_qk_norm(cfg.curriculum.drope, schedule.drope_step)
         self.engine = build_engine(cfg, env, extra_qk_norm, pretrained, load_universal=resize)
         self.resize = resize
         self.bf16 = use_bf16(cfg.precision, env.device)
-        self.stream = PhasedStream(cfg, plan, env.rank, env.world_size)
+        self.stream = PhasedStream(cfg, schedule, env.rank, env.world_size)
         self.state: dict[str, Any] = {
             "step": 0,
             "tokens_seen": 0,
             "wandb_run_id": uuid.uuid4().hex[:12],
             "drope_step": None,
-            "phase": plan.phases[0].name,
+            "phase": schedule.phases[0].name,
         }
         self.config_dict = dataclasses.asdict(cfg)
         self.tokenizer: str | None = None
@@ -125,7 +125,7 @@ class Trainer:
         self.accumulation = phase.global_batch_size // (self.cfg.micro_batch_size * self.env.world_size)
         weights = ", ".join(f"{name}={weight:.3g}" for name, weight in phase.weights.items())
         message = (
-            f"phase {phase.name} ({self.plan.phases.index(phase) + 1}/{len(self.plan.phases)}), steps "
+            f"phase {phase.name} ({self.schedule.phases.index(phase) + 1}/{len(self.schedule.phases)}), steps "
             f"{phase.start + 1}-{phase.end}: seq_len {phase.seq_len}, batch {phase.global_batch_size}"
             + (f", weights {weights}" if weights else "")
         )
@@ -184,7 +184,7 @@ class Trainer:
             f"{count_parameters(engine.module):,}",
             "".join("R" if layer.attn.use_rope else "N" for layer in engine.module.layers),
             env.world_size,
-            self.plan.phase_at(min(state["step"], cfg.steps - 1)).global_batch_size
+            self.schedule.phase_at(min(state["step"], cfg.steps - 1)).global_batch_size
             // (cfg.micro_batch_size * env.world_size),
             cfg.micro_batch_size,
             "bf16" if self.bf16 else "fp32",
@@ -205,7 +205,7 @@ class Trainer:
         return state
 
     def _loop(self, last_step: int) -> None:
-        cfg, env, engine, state, plan = self.cfg, self.env, self.engine, self.state, self.plan
+        cfg, env, engine, state, schedule = self.cfg, self.env, self.engine, self.state, self.schedule
         peak = peak_tflops(env.device, self.bf16, cfg.peak_tflops)
         loss_sum = torch.zeros((), device=env.device)
         finite_micro_batches = torch.zeros((), device=env.device)
@@ -217,10 +217,10 @@ class Trainer:
             step = state["step"]
             self.profiler.start_step(step + 1)
             if self.phase is None or step >= self.phase.end:
-                self.enter_phase(plan.phase_at(step))
-            if step == plan.drope_step and state["drope_step"] is None:
+                self.enter_phase(schedule.phase_at(step))
+            if step == schedule.drope_step and state["drope_step"] is None:
                 self.drop_positional_encoding()
-            lr = learning_rate(plan, cfg, step)
+            lr = learning_rate(schedule, cfg, step)
             set_lr(engine, lr)
             for micro in range(self.accumulation):
                 # The trainer owns the boundary: DeepSpeed's own counter would misplace it when a phase changes
@@ -275,7 +275,7 @@ class Trainer:
                     "nonfinite_micro_batches": micro_batches - finite_count,
                     "memory_gib": memory_gib(env.device),
                     "phase": self.phase.name,
-                    "phase_index": float(plan.phases.index(self.phase)),
+                    "phase_index": float(schedule.phases.index(self.phase)),
                     "nope": float(state["drope_step"] is not None),
                 }
                 if peak is not None:
@@ -349,16 +349,16 @@ def _train(cfg: TrainConfig, env: DistEnv, watch: PreemptionWatch) -> dict[str, 
     validate(cfg, env.world_size)
     set_kernel_backend(cfg.kernels)
     set_attention_backend("auto", deterministic=cfg.deterministic)
-    plan = resolve(cfg, env.world_size)
+    schedule = resolve(cfg, env.world_size)
     setup_logging(env.rank, Path(cfg.run.dir))
-    resume = prepare_resume(cfg, env, plan)
+    resume = prepare_resume(cfg, env, schedule)
     pretrained = load_hf_state_dict(hf_folder) if hf_folder and resume is None else None
     if pretrained is not None:
         log.info("initialised from %s", hf_folder)
     resize = resume is not None and resume.saved["world_size"] != env.world_size
     if env.device.type == "cuda":
         warn_if_over_memory(cfg, env)
-    trainer = Trainer(cfg, env, plan, pretrained, resize, watch)
+    trainer = Trainer(cfg, env, schedule, pretrained, resize, watch)
     if resume is not None:
         trainer.resume(resume.path, resume.saved, resume.weights_only)
     return trainer.run()

@@ -11,14 +11,18 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nopetrain.config import TrainConfig, register_configs
+from nopetrain.config import ModelConfig, TrainConfig, register_configs
 from nopetrain.parallel import free_port
+
+if TYPE_CHECKING:
+    from nopetrain.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,3 +136,15 @@ def wandb_runs(run_dir: Path) -> list:
                 if record.WhichOneof("record_type") == "run":
                     found.append(record.run)
     return found
+
+
+def tiny_model(**overrides) -> Transformer:
+    """A two-layer model in eval mode, seeded: `overrides` set ModelConfig keys. The model is imported here, not
+    with this module: conftest imports it before any kernel test sets TRITON_INTERPRET."""
+    from nopetrain.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return Transformer(cfg).eval()

@@ -18,7 +18,7 @@ def config(phases=(), drope=None, steps=100, sources=None, **overrides) -> Train
 
 
 def test_lengths_in_steps_tokens_fraction_and_an_open_last_phase():
-    plan = resolve(
+    schedule = resolve(
         config(
             [
                 PhaseConfig(name="a", steps=10),
@@ -29,10 +29,10 @@ def test_lengths_in_steps_tokens_fraction_and_an_open_last_phase():
         ),
         world_size=2,
     )
-    spans = [(p.name, p.start, p.end) for p in plan.phases]
+    spans = [(p.name, p.start, p.end) for p in schedule.phases]
     assert spans == [("a", 0, 10), ("b", 10, 35), ("c", 35, 85), ("d", 85, 100)]
-    assert plan.phase_at(85).seq_len == 128 and plan.phase_at(85).global_batch_size == 8
-    assert plan.phase_at(84).name == "c"
+    assert schedule.phase_at(85).seq_len == 128 and schedule.phase_at(85).global_batch_size == 8
+    assert schedule.phase_at(84).name == "c"
 
 
 def test_group_weights_are_split_over_the_sources_of_each_group():
@@ -41,8 +41,8 @@ def test_group_weights_are_split_over_the_sources_of_each_group():
         "dclm": SourceConfig(path="y", weight=1.0, group="web"),
         "stack": SourceConfig(path="z", weight=1.0, group="code"),
     }
-    plan = resolve(config([PhaseConfig(name="a", weights={"web": 0.8, "code": 0.2})], sources=sources), 1)
-    assert plan.phases[0].weights == pytest.approx({"fineweb": 0.6, "dclm": 0.2, "stack": 0.2})
+    schedule = resolve(config([PhaseConfig(name="a", weights={"web": 0.8, "code": 0.2})], sources=sources), 1)
+    assert schedule.phases[0].weights == pytest.approx({"fineweb": 0.6, "dclm": 0.2, "stack": 0.2})
 
 
 def test_a_phase_can_draw_from_sources_the_datas_own_mixture_leaves_out():
@@ -53,9 +53,9 @@ def test_a_phase_can_draw_from_sources_the_datas_own_mixture_leaves_out():
         "short_b": SourceConfig(path="z", weight=0.0, group="short"),
     }
     phases = [PhaseConfig(name="a", steps=10, weights={"short": 1.0}), PhaseConfig(name="b")]
-    plan = resolve(config(phases, sources=sources), 1)
-    assert plan.phases[0].weights == pytest.approx({"web": 0.0, "short_a": 0.5, "short_b": 0.5})
-    assert plan.phases[1].weights == pytest.approx({"web": 1.0, "short_a": 0.0, "short_b": 0.0})
+    schedule = resolve(config(phases, sources=sources), 1)
+    assert schedule.phases[0].weights == pytest.approx({"web": 0.0, "short_a": 0.5, "short_b": 0.5})
+    assert schedule.phases[1].weights == pytest.approx({"web": 1.0, "short_a": 0.0, "short_b": 0.0})
 
 
 @pytest.mark.parametrize(
@@ -78,14 +78,14 @@ def test_recalibration_schedule_and_wsd_decay_at_a_phase():
     cfg.curriculum.decay_phase = "anneal"
     cfg.schedule.name, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio = "wsd", 10, 0.0
     cfg.optim.lr = 3e-4
-    plan = resolve(cfg, 1)
-    assert plan.decay_start == 60 and plan.drope_warmup == 2
-    assert learning_rate(plan, cfg, 59) == pytest.approx(3e-4)
-    assert learning_rate(plan, cfg, 70) == pytest.approx(3e-4 * 30 / 40)
-    assert learning_rate(plan, cfg, 80) == pytest.approx(0.5e-3)
-    assert learning_rate(plan, cfg, 81) == pytest.approx(1e-3)
+    schedule = resolve(cfg, 1)
+    assert schedule.decay_start == 60 and schedule.drope_warmup == 2
+    assert learning_rate(schedule, cfg, 59) == pytest.approx(3e-4)
+    assert learning_rate(schedule, cfg, 70) == pytest.approx(3e-4 * 30 / 40)
+    assert learning_rate(schedule, cfg, 80) == pytest.approx(0.5e-3)
+    assert learning_rate(schedule, cfg, 81) == pytest.approx(1e-3)
     # Cosine over the 18 steps after the warmup: step 92 is 10 of them in.
-    assert learning_rate(plan, cfg, 92) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 10 / 18)))
+    assert learning_rate(schedule, cfg, 92) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 10 / 18)))
 
 
 @pytest.mark.parametrize(

@@ -28,11 +28,11 @@ from nopetrain.data_pipelines.cli import main
 from nopetrain.data_pipelines.corpus_lookup import tokenizer_lookup_text
 from nopetrain.data_pipelines.corpus_math import math_documents
 from nopetrain.data_pipelines.errors import DataError
+from nopetrain.data_pipelines.lookup_text import LOOKUP_LIKE
 from nopetrain.data_pipelines.packing import Packer
 from nopetrain.data_pipelines.shards import ShardWriter
 from nopetrain.data_pipelines.tokenize_source import tokenize
 from nopetrain.data_pipelines.train_tokenizer import train_tokenizer
-from nopetrain.eval.niah import LOOKUP_LIKE
 
 from .helpers import REPO, subprocess_env
 
@@ -173,6 +173,14 @@ def test_a_manifest_finds_its_tokenizer_from_any_working_directory(
     manifest_path.write_text(json.dumps(manifest))
     _, record = read_documents(str(tmp_path / "data" / "prose"), 512)
     assert Path(record["path"]).resolve() == sp_model.resolve()
+
+
+def test_the_data_command_never_imports_torch() -> None:
+    """nopetrain-data runs on machines that only prepare data, and starts in a fraction of torch's import time; the
+    import contracts of `make lint` say the same of every module of the package."""
+    code = "import nopetrain.data_pipelines.cli, sys; print([m for m in ('torch', 'deepspeed') if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def zstd_compress(data: bytes) -> bytes:

@@ -1,5 +1,5 @@
 """Experiments end to end: synthetic look-up documents, the experiment config, and a two-arm experiment that trains
-and evaluates with `python -m nopetrain.experiment` on a small real corpus."""
+and evaluates with `nopetrain-experiment` on a small real corpus."""
 
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nopetrain.config import ConfigError, TrainConfig, register_configs
-from nopetrain.curriculum import Plan, learning_rate, resolve
+from nopetrain.curriculum import Schedule, learning_rate, resolve
 from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines.corpus_lookup import build_lookup, lookup_document
 from nopetrain.data_pipelines.encoders import Encoder, describe, load
 from nopetrain.data_pipelines.errors import DataError
+from nopetrain.data_pipelines.lookup_text import NIAH_TASKS, NeedleTask, needle_task
 from nopetrain.eval import niah
-from nopetrain.eval.config import NIAH_TASKS, EvalConfig, NiahConfig
+from nopetrain.eval.config import EvalConfig, NiahConfig
 from nopetrain.eval.evaluate import niah_trials
-from nopetrain.experiment import ArmConfig, CorpusConfig, build_corpus, load_config
+from nopetrain.experiment import ArmConfig, ArmFailed, CorpusConfig, build_corpus, load_config
 
 from .helpers import REPO, losses, subprocess_env
 
@@ -74,14 +75,14 @@ def key_ids(ids: list[int], decode, key: str) -> list[int]:
     return min((span for span in spans if decode(span).strip() == key), key=len)
 
 
-def training_and_prompts(corpus: Path, task: str) -> Iterator[tuple[Encoder, niah.NeedleTask, list[int], list[int]]]:
+def training_and_prompts(corpus: Path, task: str) -> Iterator[tuple[Encoder, NeedleTask, list[int], list[int]]]:
     """For seeds 0-3: the encoder, a task's text, the ids of a training look-up document of it and of a 512-token
     evaluation prompt of it (the same needles, question and depths)."""
     encoder = load(describe(str(corpus / "tokenizer.model")))
     haystacks, _ = read_documents(str(corpus / "heldout" / "web"), 1024)
     filler = niah.haystack_for(haystacks, random.Random(1), 2000, encoder.decode)
     for seed in range(4):
-        text = niah.needle_task(random.Random(seed), task)
+        text = needle_task(random.Random(seed), task)
         training = encoder.encode([lookup_document(random.Random(seed), task, filler, encoder, SEQ_LEN + 1)])[0]
         haystack = niah.haystack_for(haystacks, random.Random(seed), 512, encoder.decode)
         depths = [random.Random(seed).random() for _ in text.needles]
@@ -165,8 +166,8 @@ def test_build_lookup_writes_a_source_of_whole_documents(corpus: Path) -> None:
     assert all(len(document) <= SEQ_LEN + 1 for document in documents)
 
 
-def composed_arms(name: str) -> Iterator[tuple[str, ArmConfig, TrainConfig, Plan]]:
-    """Each arm of experiment `name`: its spec, its composed train.py config and that config's resolved plan."""
+def composed_arms(name: str) -> Iterator[tuple[str, ArmConfig, TrainConfig, Schedule]]:
+    """Each arm of experiment `name`: its spec, its composed train.py config and that config's resolved schedule."""
     register_configs()
     experiment = load_config(name, [])
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -179,15 +180,15 @@ def test_drope_tiny_recalibrates_in_the_papers_proportions() -> None:
     """The DroPE arm drops RoPE at 87.5% of the steps and recalibrates at 3.3x the pretraining peak (1e-3 against
     3e-4) with 3.5% warmup (70 of 2K steps); every arm ends at the same learning rate."""
     final = {}
-    for arm, spec, cfg, plan in composed_arms("drope_tiny"):
-        final[arm] = learning_rate(plan, cfg, plan.total_steps)  # where each schedule ends
+    for arm, spec, cfg, schedule in composed_arms("drope_tiny"):
+        final[arm] = learning_rate(schedule, cfg, schedule.total_steps)  # where each schedule ends
         if arm == "drope":
             # It trains only its recalibration, from the RoPE arm's checkpoint at the drop.
-            assert (spec.from_arm, spec.from_step) == ("rope", plan.drope_step)
-            recalibration = plan.total_steps - plan.drope_step
-            assert recalibration == pytest.approx(0.125 * plan.total_steps, abs=1)
+            assert (spec.from_arm, spec.from_step) == ("rope", schedule.drope_step)
+            recalibration = schedule.total_steps - schedule.drope_step
+            assert recalibration == pytest.approx(0.125 * schedule.total_steps, abs=1)
             assert cfg.curriculum.drope.lr / cfg.optim.lr == pytest.approx(1e-3 / 3e-4, rel=0.02)
-            assert plan.drope_warmup == pytest.approx(70 / 2000 * recalibration, abs=1)
+            assert schedule.drope_warmup == pytest.approx(70 / 2000 * recalibration, abs=1)
     assert len(set(final.values())) == 1, final
 
 
@@ -196,9 +197,9 @@ def test_every_profile_composes_and_its_drope_arms_start_at_their_drop(name: str
     """Each committed profile loads on its schema, every arm's train.py config composes and resolves, and an arm
     that starts from another's checkpoint starts at its own drop: train.py would refuse any other step, hours into
     a run."""
-    for arm, spec, _, plan in composed_arms(name):
+    for arm, spec, _, schedule in composed_arms(name):
         if spec.from_arm is not None:
-            assert plan.drope_step == spec.from_step, (arm, plan.drope_step, spec.from_step)
+            assert schedule.drope_step == spec.from_step, (arm, schedule.drope_step, spec.from_step)
 
 
 def test_build_lookup_draws_only_the_tasks_asked_for(corpus: Path, tmp_path: Path) -> None:
@@ -261,6 +262,13 @@ def test_an_experiment_refuses_a_corpus_built_otherwise(corpus: Path) -> None:
             CorpusConfig(path=str(corpus), seq_len=SEQ_LEN, vocab_size=1024, lookup_documents=40, value_digits=3)
         )
     build_corpus(CorpusConfig(path=str(corpus), seq_len=SEQ_LEN, vocab_size=1024, lookup_documents=40))
+
+
+@pytest.mark.parametrize(
+    ("arm_exit_codes", "exit_code"), [([2], 2), ([2, 2], 2), ([1], 1), ([2, 1], 1), ([-9], 1), ([], 1)]
+)
+def test_an_experiment_is_refused_only_when_its_failed_arms_were_refused(arm_exit_codes, exit_code) -> None:
+    assert ArmFailed("experiment x: training failed", arm_exit_codes).exit_code == exit_code
 
 
 def test_experiment_config_errors_name_the_key(tmp_path: Path) -> None:
@@ -333,8 +341,4 @@ eval:
     methods = {(row["model"], row["method"]) for row in rows}
     assert {("rope", "none"), ("rope", "pi"), ("rope", "yarn"), ("drope", "none"), ("drope", "logit_scale")} <= methods
     report = (out / "results.md").read_text()
-    assert (
-        "rope" in report
-        and "## Protocol" in report
-        and f"- command: `python -m nopetrain.experiment {config}`" in report
-    )
+    assert "rope" in report and "## Protocol" in report and f"- command: `nopetrain-experiment {config}`" in report

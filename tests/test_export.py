@@ -1,4 +1,4 @@
-"""`python -m nopetrain.export` on real checkpoints: transformers computes the logits our model does, the tokenizer
+"""`nopetrain-export` on real checkpoints: transformers computes the logits our model does, the tokenizer
 round-trips, and broken inputs are refused with one line."""
 
 from __future__ import annotations
@@ -315,3 +315,14 @@ def test_existing_output_is_left_alone(nope_checkpoint, tmp_path, capsys):
         == f"nopetrain-export: error: {output}: already exists; remove it or choose another --output"
     )
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+def test_a_run_directory_exports_its_newest_checkpoint_and_step_n_may_be_unpadded(drope_run, tmp_path, capsys):
+    run_dir = drope_run.parent
+    assert main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "newest")]) == 0
+    assert f"exported step 2 of {drope_run / STEP}" in capsys.readouterr().out
+    assert main(["--checkpoint", str(drope_run / "step_1"), "--output", str(tmp_path / "first")]) == 0
+    assert f"exported step 1 of {drope_run / 'step_00000001'}" in capsys.readouterr().out
+    # A step the run does not have is still refused, naming what was given.
+    assert main(["--checkpoint", str(drope_run / "step_3"), "--output", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith(f"nopetrain-export: error: {drope_run / 'step_3'}: neither")

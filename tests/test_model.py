@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from nopetrain.config import ActivationCheckpointingConfig, ModelConfig, register_configs
 from nopetrain.data import batch_from_chunks
 from nopetrain.drope import drop_rope
-from nopetrain.model import KVCache, Transformer, count_parameters, rope_tables
+from nopetrain.model import KVCache, Transformer, count_parameters
+from nopetrain.rope import rope_tables
 
 from .helpers import REPO
 

@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 
 from nopetrain.kernels.fused_qk_norm_rope import qk_norm_rope_fused
 from nopetrain.kernels.reference import qk_norm_rope
-from nopetrain.model import rope_tables
+from nopetrain.rope import rope_tables
 
 from .helpers import gpu
 

@@ -53,7 +53,7 @@ def test_plain_resume_adds_no_event_and_no_duplicate_rows(saved_run):
 
 def test_resume_from_an_older_checkpoint_is_refused_without_rewind(saved_run, tmp_path):
     run_dir = copy_run(saved_run, tmp_path)
-    older = run_dir / "checkpoints" / tag(6)
+    older = run_dir / "checkpoints" / "step_6"  # unpadded, as a user writes it
     proc = run_train(run_dir, *SAVES, f"checkpoint.resume={older}", "stop_at_step=7", *BATCH, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     error = error_line(proc.stderr)

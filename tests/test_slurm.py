@@ -234,7 +234,7 @@ def uninterrupted_on_shards(cluster, shard_train, tmp_path_factory) -> Path:
         ("task-per-gpu", ("--signal=TERM", "--batch")),
         # --full signals srun too, which SIGKILLs its tasks in the same second (srun's signal thread turns SIGTERM
         # into SIGKILL and resets an inherited SIG_IGN; measured with slurm-wlm 22.05): no batch script can keep
-        # SIGTERM from it. The README says so; this case notices if a SLURM version changes it.
+        # SIGTERM from it. docs/reliability.md says so; this case notices if a SLURM version changes it.
         pytest.param(
             "task-per-gpu",
             ("--signal=TERM", "--full"),

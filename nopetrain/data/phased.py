@@ -11,25 +11,25 @@ import dataclasses
 from typing import Any
 
 from nopetrain.config import TrainConfig
-from nopetrain.curriculum import Phase, Plan
+from nopetrain.curriculum import Phase, Schedule
 from nopetrain.data import Batch, TokenStream, build_stream
 
 
 class PhasedStream:
-    def __init__(self, cfg: TrainConfig, plan: Plan, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: TrainConfig, schedule: Schedule, rank: int, world_size: int) -> None:
         self.streams: dict[int, TokenStream] = {}
         self.sources: dict[int, list[str]] = {}
-        for seq_len in sorted({phase.seq_len for phase in plan.phases}):
+        for seq_len in sorted({phase.seq_len for phase in schedule.phases}):
             used = {
                 name
-                for phase in plan.phases
+                for phase in schedule.phases
                 if phase.seq_len == seq_len
                 for name, weight in phase.weights.items()
                 if weight > 0
             }
             # Each stream starts with the weights of its first phase: a source the data's own mixture leaves out
             # (weight 0) may be all a phase at this length draws from.
-            first = next(phase for phase in plan.phases if phase.seq_len == seq_len)
+            first = next(phase for phase in schedule.phases if phase.seq_len == seq_len)
             sources = {
                 name: dataclasses.replace(source, weight=first.weights[name])
                 for name, source in cfg.data.sources.items()
@@ -38,7 +38,7 @@ class PhasedStream:
             self.sources[seq_len] = list(sources)
             sub_cfg = dataclasses.replace(cfg, seq_len=seq_len, data=dataclasses.replace(cfg.data, sources=sources))
             self.streams[seq_len] = build_stream(sub_cfg, rank, world_size)
-        self.current = self.streams[plan.phases[0].seq_len]
+        self.current = self.streams[schedule.phases[0].seq_len]
         self.tokenizer = next((s.tokenizer for s in self.streams.values() if s.tokenizer is not None), None)
 
     def set_phase(self, phase: Phase) -> None:

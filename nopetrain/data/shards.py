@@ -1,7 +1,7 @@
 """The shard format as the training side reads it: what a source is, and how a shard is checked.
 
 A source is a directory (or URL) holding the manifest.json and webdataset tars written by
-`python -m nopetrain.data_pipelines tokenize` (data_pipelines/shards.py writes them), or a brace pattern of tar URLs
+`nopetrain-data tokenize` (data_pipelines/shards.py writes them), or a brace pattern of tar URLs
 ("::" joins several patterns, as in webdataset); shards open with webdataset's gopen, so `pipe:` and the other URLs
 it knows work. Each sample holds KEY.tokens.npy (seq_len + 1 tokens) and KEY.starts.npy (int32 offsets where
 documents begin).
@@ -83,7 +83,7 @@ def from_manifest(name: str, path: str, key: str, vocab_size: int) -> Source:
             manifest = json.loads(stream.read())
     except FileNotFoundError:
         raise ConfigError(
-            f"{key}: no manifest.json there; write the source with `python -m nopetrain.data_pipelines tokenize` "
+            f"{key}: no manifest.json there; write the source with `nopetrain-data tokenize` "
             "or give a pattern of .tar shards"
         ) from None
     except (OSError, ValueError) as error:

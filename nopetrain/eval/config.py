@@ -10,10 +10,10 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 
 from nopetrain.config import ConfigError
-from nopetrain.eval.rope_scaling import METHODS as ROPE_METHODS
-from nopetrain.eval.rope_scaling import YARN_RAMPS
+from nopetrain.data_pipelines.lookup_text import NIAH_TASKS
+from nopetrain.rope import METHODS as ROPE_METHODS
+from nopetrain.rope import YARN_RAMPS
 
-NIAH_TASKS = ("standard", "multi_key", "multi_query", "multi_value")
 # greedy: decode and compare the values written (per-value recall for several); teacher_forced: one forward pass over
 # prompt + answer, 1 when every answer token is the argmax (whole-answer exact match, what greedy would write first).
 NIAH_SCORING = ("greedy", "teacher_forced")

@@ -18,14 +18,15 @@ import torch
 from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines.encoders import Encoder, sha256_file
+from nopetrain.data_pipelines.lookup_text import NeedleTask, needle_task
 from nopetrain.eval import logit_scale, niah
 from nopetrain.eval.config import EvalConfig, model_specs, split_series, validate
 from nopetrain.eval.models import LoadedModel, apply_logit_scale, architecture, load_model
 from nopetrain.eval.partial import Progress, Unit, UnitStore, fingerprint
 from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.eval.report import FIT_METRIC, TRIAL_METRIC
-from nopetrain.eval.rope_scaling import RopeScaling
 from nopetrain.eval.stats import bootstrap_mean, bootstrap_ppl, wilson
+from nopetrain.rope import RopeScaling
 
 log = logging.getLogger("nopetrain.eval")
 
@@ -200,7 +201,7 @@ def perplexity_rows(loaded: LoadedModel, documents: list[np.ndarray], cfg: EvalC
 class Trial:
     # The standard task's needle depth; None for the other tasks, whose needles go to random depths.
     depth: float | None
-    text: niah.NeedleTask
+    text: NeedleTask
     # int32: a trial cache holds every (task, length)'s prompts for the whole evaluation.
     prompt: np.ndarray
     # The answer's ids after the question, as a training look-up document has them (teacher forcing scores these).
@@ -222,7 +223,7 @@ def niah_trials(
     trials = []
     for index in range(cfg.niah.trials):
         rng = random.Random(f"{cfg.seed}/{task}/{length}/{index}")
-        text = niah.needle_task(rng, task, cfg.niah.needles, cfg.niah.value_digits)
+        text = needle_task(rng, task, cfg.niah.needles, cfg.niah.value_digits)
         answer = niah.answer_ids(tokenizer.encode, text.question, text.answer_text)
         haystack = niah.haystack_for(haystacks, rng, length, tokenizer.decode)
         # The standard task's trials go round the depths; the others place their needles at random.
@@ -428,7 +429,7 @@ def evaluate_model(
     return rows
 
 
-def plan(specs: dict[str, str], cfg: EvalConfig) -> list[Unit]:
+def work_units(specs: dict[str, str], cfg: EvalConfig) -> list[Unit]:
     """Every unit the config asks for, each model's methods from its architecture, read without its weights."""
     return [
         Unit(name, method, factor)
@@ -452,7 +453,7 @@ def evaluate(cfg: EvalConfig) -> list[Row]:
     validate(cfg)
     device = device_for(cfg.device)
     specs = model_specs(cfg)
-    progress = Progress(plan(specs, cfg))
+    progress = Progress(work_units(specs, cfg))
     store = UnitStore(cfg.out)
     shared = SharedTrials(cfg)
     rows = []

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nopetrain.atomic import write_bytes
 from nopetrain.config import ConfigError
-from nopetrain.data_pipelines.atomic import write_bytes
 from nopetrain.eval.perplexity import perplexity, same_documents
 from nopetrain.model import Transformer
 

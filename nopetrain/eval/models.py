@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from nopetrain.checkpoint import CHECKSUMS, checkpoint_root, complete_checkpoints, read_checkpoint, read_state
+from nopetrain.checkpoint import CHECKSUMS, find_checkpoint, read_checkpoint, read_state
 from nopetrain.config import ConfigError, ModelConfig
 from nopetrain.data_pipelines.encoders import Encoder, describe, load, sha256_file
 from nopetrain.data_pipelines.errors import DataError as TokenizerError
@@ -50,16 +50,6 @@ def _tokenizer(path: Path, source: str) -> tuple[Encoder, int]:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    """A checkpoint itself, or the newest complete one of a run directory."""
-    if (path / "trainer_state.json").is_file():
-        return path
-    found = complete_checkpoints(checkpoint_root(path))
-    if not found:
-        raise ConfigError(f"{path}: neither a checkpoint nor a run directory with complete checkpoints")
-    return found[-1]
-
-
 def trained_context(run_config: dict) -> int:
     """The length the run ended at: its last phase's seq_len, which is the run's where that phase sets none (an earlier
     short phase does not make the context short)."""
@@ -68,7 +58,7 @@ def trained_context(run_config: dict) -> int:
 
 
 def _load_ours(name: str, path: Path) -> LoadedModel:
-    ckpt_dir = _checkpoint_dir(path)
+    ckpt_dir = find_checkpoint(path)
     ckpt = read_checkpoint(ckpt_dir)
     record = ckpt.state.get("tokenizer")
     if record is None:
@@ -112,7 +102,7 @@ def architecture(spec: str) -> ModelConfig:
     hf_folder = spec.removeprefix("hf:")
     if hf_folder != spec:
         return folder_model_config(Path(hf_folder))
-    return read_state(_checkpoint_dir(Path(spec)))[1]
+    return read_state(find_checkpoint(Path(spec)))[1]
 
 
 def load_model(name: str, spec: str, train_context: int | None, device: torch.device) -> LoadedModel:

@@ -1,16 +1,11 @@
 """Needle-in-a-haystack (DroPE paper, appendix C.2): seven-digit values (`niah.value_digits`) under two-word keys,
-hidden in held-out text, retrieved by greedy decoding or scored by teacher forcing.
+hidden in held-out text, retrieved by greedy decoding or scored by teacher forcing. The standard task's needle goes at
+a swept depth, its score averaged over depths.
 
-Tasks: `standard` (one needle at a swept depth, the score averaged over depths), `multi_key` (four needles with
-distinct keys, one asked), `multi_query` (four needles, two keys asked, values answered in the order asked) and
-`multi_value` (four values under one key, all asked). The needle lines and questions are drawn with the look-up text
-of data_pipelines/corpus_math.py; the synthetic look-up documents (data_pipelines/corpus_lookup.py) teach them at the
-training length.
-
-Two levels: `needle_task` draws the text of a task (needle lines, question, expected values) from an rng and knows
-nothing of tokens; `prompt_text` lays a task out in prose (needles as lines, then the question), the layout of the
-synthetic training documents too (data_pipelines/corpus_lookup.py); `build_prompt` encodes that text once, at an
-exact length, from held-out prose (`haystack_for`), so that a needle or question gets the tokens it gets in training.
+Two levels: the tasks' text (`needle_task`: needle lines, question, expected values; `prompt_text`: their layout in
+prose, that of the synthetic training documents too) is data_pipelines/lookup_text.py's, which knows nothing of
+tokens; `build_prompt` here encodes that text once, at an exact length, from held-out prose (`haystack_for`), so
+that a needle or question gets the tokens it gets in training.
 
 Scoring is exact match on the numbers of the values' length in the decoded output: for one expected value, the first
 number of that length the model writes must be it (1 or 0); for several (multi_query, multi_value), the score is the
@@ -26,71 +21,16 @@ import functools
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from nopetrain.data_pipelines.corpus_math import lookup_keys, lookup_line, lookup_question, lookup_value
+from nopetrain.data_pipelines.lookup_text import NeedleTask, prompt_text, prose_lines
 from nopetrain.model import KVCache, Transformer
 
-MULTI_QUERY_KEYS = 2
 # Prose gathered per haystack, in tokens of prose per token of prompt: enough that the exact-length search never
 # runs out.
 HAYSTACK_MARGIN = 1.2
-
-
-@dataclass
-class NeedleTask:
-    task: str
-    needles: list[str]  # the lines to hide, in the order they appear in the haystack
-    question: str  # ends with "Answer:"
-    answers: list[str]  # the expected values, in the order the answer should give them
-    asked: list[int]  # the needles (indices) that hold the expected values
-
-    @property
-    def answer_text(self) -> str:
-        return ", ".join(self.answers)
-
-
-def needle_task(rng: random.Random, task: str, num_needles: int = 4, value_digits: int = 7) -> NeedleTask:
-    """The text of one trial of `task` (standard, multi_key, multi_query, multi_value), its values of `value_digits`
-    digits."""
-    if task == "standard":
-        key, value = lookup_keys(rng, 1)[0], lookup_value(rng, value_digits)
-        return NeedleTask(task, [lookup_line(key, value)], lookup_question(key), [value], [0])
-    if task == "multi_value":
-        key = lookup_keys(rng, 1)[0]
-        values = [lookup_value(rng, value_digits) for _ in range(num_needles)]
-        question = f"Question: what are all the values of the key {key}?\nAnswer:"
-        needles = [lookup_line(key, value) for value in values]
-        return NeedleTask(task, needles, question, values, list(range(num_needles)))
-    keys = lookup_keys(rng, num_needles)
-    values = [lookup_value(rng, value_digits) for _ in keys]
-    needles = [lookup_line(key, value) for key, value in zip(keys, values, strict=True)]
-    if task == "multi_key":
-        asked = rng.randrange(num_needles)
-        return NeedleTask(task, needles, lookup_question(keys[asked]), [values[asked]], [asked])
-    if task == "multi_query":
-        asked = rng.sample(range(num_needles), min(MULTI_QUERY_KEYS, num_needles))
-        names = " and ".join(keys[i] for i in asked)
-        question = f"Question: what are the values of the keys {names}?\nAnswer:"
-        return NeedleTask(task, needles, question, [values[i] for i in asked], asked)
-    raise ValueError(f"unknown NIAH task {task!r}")
-
-
-def prompt_text(task: NeedleTask, haystack: str, depths: list[float]) -> str:
-    """The haystack's lines with the task's needles as lines of their own, the needle of depth d after
-    round(d * lines) of them, then the question: the layout of a training look-up document
-    (data_pipelines/corpus_lookup.py)."""
-    lines = haystack.split("\n") if haystack else []
-    after: dict[int, list[str]] = {}
-    for depth, needle in sorted(zip(depths, task.needles, strict=True), key=lambda pair: pair[0]):
-        after.setdefault(round(depth * len(lines)), []).append(needle)
-    pieces = list(after.get(0, []))
-    for index, line in enumerate(lines, start=1):
-        pieces += [line, *after.get(index, [])]
-    return "\n".join([*pieces, task.question])
 
 
 def build_prompt(
@@ -185,16 +125,6 @@ def generate_greedy(
         if all(len(o) < ids.shape[1] - start or (finished and finished(i, o)) for i, o in enumerate(outputs)):
             break
     return outputs
-
-
-# Lines in the needles' or the question's format: a haystack (or training filler) holding them would plant
-# distractors.
-LOOKUP_LIKE = re.compile(r"\bkey: .*\bvalue: |Question:|Answer:")
-
-
-def prose_lines(text: str) -> list[str]:
-    """The non-empty lines of `text` that are not in the look-up format."""
-    return [line for line in text.split("\n") if line.strip() and not LOOKUP_LIKE.search(line)]
 
 
 def answer_ids(encode: Callable[[list[str]], list[list[int]]], question: str, answer: str) -> list[int]:

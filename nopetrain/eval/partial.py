@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from nopetrain.data_pipelines.atomic import write_bytes
+from nopetrain.atomic import write_bytes
 from nopetrain.eval.config import EvalConfig
 
 FOLDER = "partial"

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from nopetrain.data_pipelines.atomic import write_bytes
+from nopetrain.atomic import write_bytes
 from nopetrain.eval.config import GateConfig, PairedConfig, ReportConfig, split_series
 from nopetrain.eval.stats import mcnemar, wilson
 

@@ -1,6 +1,6 @@
 """Config of a nopetrain model exported with its own modeling code: SmolLM3 plus QK-norm and a logit scale.
 
-Written by `nopetrain.export` (python -m nopetrain.export) into the export folder; transformers loads it through
+Written by `nopetrain-export` (nopetrain/export.py) into the export folder; transformers loads it through
 `auto_map` in config.json when `trust_remote_code=True` is passed.
 """
 

@@ -1,4 +1,6 @@
-"""RoPE-scaling methods applied at evaluation time (DroPE paper, appendix A): new frequencies w'_m = gamma_m w_m.
+"""RoPE's math, owned by the model (nopetrain/model.py) and used by the evaluation: the base frequencies
+w_m = theta^(-2m/d), the fp32 cos/sin tables, and the RoPE-scaling methods applied at evaluation time (DroPE paper,
+appendix A), which give new frequencies w'_m = gamma_m w_m:
 
 - `pi` (position interpolation): gamma_m = 1/s.
 - `ntk` (NTK-aware): gamma_m = s^(-2m/(d-2)), m = 0..d/2-1, i.e. the base theta becomes theta * s^(d/(d-2)).
@@ -106,3 +108,17 @@ def logit_factor(scaling: RopeScaling | None, seq_len: int) -> float:
     if scaling is None or scaling.method != "yarn":
         return 1.0
     return (scaling.temperature_coef * math.log(scaling.scale(seq_len)) + 1.0) ** 2
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None, seq_len: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables (batch or 1, seq, head_dim) for integer positions (batch or 1, seq), with the
+    frequencies of an evaluation-time RoPE-scaling method when `scaling` is set (dynamic methods follow `seq_len`,
+    the input's whole length, by default the number of positions).
+
+    Always fp32: bf16 tables lose the low-frequency angles and are known to diverge training."""
+    inv_freq = inverse_frequencies(head_dim, theta, scaling, seq_len or positions.shape[-1], positions.device)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()

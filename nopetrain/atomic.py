@@ -1,4 +1,5 @@
-"""Writing outputs so that a failed run leaves what an earlier run wrote as it was."""
+"""Writing outputs so that a failed run leaves what an earlier run wrote as it was: files and folders appear whole
+or not at all. Standard library only, so that every layer can use it, the torch-free data pipelines included."""
 
 from __future__ import annotations
 

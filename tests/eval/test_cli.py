@@ -1,4 +1,4 @@
-"""`python -m nopetrain.eval` end to end on tiny checkpoints trained on the small real corpus: a RoPE model (with
+"""`nopetrain-eval` end to end on tiny checkpoints trained on the small real corpus: a RoPE model (with
 the scaling baselines) and the same run after DroPE (with the fitted logit scale), side by side in one report."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 
 from nopetrain.data.shards import read_documents
 from nopetrain.data_pipelines.encoders import describe, load
+from nopetrain.data_pipelines.lookup_text import needle_task
 from nopetrain.eval import niah
 from nopetrain.eval.config import (
     EvalConfig,
@@ -31,7 +32,7 @@ from nopetrain.eval.config import (
 from nopetrain.eval.evaluate import evaluate
 from nopetrain.eval.report import write_report
 
-from .helpers import REPO, copy_run, corpus_overrides, run_train, subprocess_env
+from ..helpers import REPO, copy_run, corpus_overrides, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -253,7 +254,7 @@ def test_a_copying_model_scores_100_percent_through_the_real_tokenizer(corpus):
     tokenizer = load(describe(str(corpus / "tokenizer.model")))
     for seed in range(20):
         for task in ("standard", "multi_key", "multi_query", "multi_value"):
-            text = niah.needle_task(random.Random(seed), task, 4)
+            text = needle_task(random.Random(seed), task, 4)
             copied = tokenizer.decode(tokenizer.encode([" " + text.answer_text + "\n"])[0])
             assert niah.score(copied, text.answers) == 1.0
             assert niah.score(copied.replace(text.answers[0], "0000000"), text.answers) < 1.0

@@ -9,6 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nopetrain.config import ConfigError, TrainConfig, register_configs
+from nopetrain.exits import run_refusing_composition_errors, task_started
 from nopetrain.sweep import sweep_member
 
 register_configs()
@@ -16,6 +17,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    task_started()
     train_cfg = OmegaConf.to_object(cfg)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -64,4 +66,4 @@ def run(cfg: TrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_refusing_composition_errors(main)

@@ -33,9 +33,13 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 # Values written into #SBATCH lines, which sbatch reads without a shell: no spaces, quotes or newlines.
 _DIRECTIVE_VALUE = re.compile(r"^[\w.,:/@%+=\-\[\]]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names of credentials, which --env would write into the job file (readable, and kept by SLURM with the job).
+_CREDENTIAL_NAME = re.compile(r"(_API_KEY|_TOKEN)$|SECRET|PASSWORD|PASSWD", re.IGNORECASE)
 
 NCCL_NOTES = """\
-# NCCL on a multi-node GPU cluster (export here or in the submitting shell; sbatch passes the environment on):
+# NCCL and gloo on a multi-node cluster (export here or in the submitting shell; sbatch passes the environment on):
+#   GLOO_SOCKET_IFNAME=eth0       interface for gloo: every job's side group (the preemption vote), and all of a CPU
+#                                 job's traffic; needed where a node's hostname resolves to a loopback address
 #   NCCL_SOCKET_IFNAME=ib0,eth0   interface for NCCL's bootstrap and socket transport (default: first non-lo one)
 #   NCCL_IB_HCA=mlx5              InfiniBand adapters to use; NCCL_IB_DISABLE=1 forces TCP sockets
 #   NCCL_DEBUG=INFO               prints the transport NCCL chose per peer (WARN once the set-up works)
@@ -106,6 +110,11 @@ def validate(job: SlurmJob) -> None:
     for name in job.env:
         if not _ENV_NAME.match(name):
             raise LaunchError(f"--env {name}=...: not a shell variable name")
+        if _CREDENTIAL_NAME.search(name):
+            raise LaunchError(
+                f"--env {name}=...: looks like a credential, which would be written into the job file; export it in "
+                "the shell you submit from instead (sbatch passes the environment on)"
+            )
     for override in job.overrides:
         if override.startswith(("run.dir=", "+run.dir=", "++run.dir=")):
             raise LaunchError(f"{override!r}: set the run directory with --run-dir (it must not change on requeue)")
@@ -137,10 +146,9 @@ def _directives(job: SlurmJob) -> list[str]:
 
 def srun_command(job: SlurmJob) -> list[str]:
     """srun and its options: one task per rank (task-per-gpu) or per node (torchrun)."""
-    srun = ["srun", "--label"]
-    if job.mode == "task-per-gpu":
-        # A rank that dies leaves the others waiting in a collective: end the whole step.
-        srun.append("--kill-on-bad-exit=1")
+    # A rank (or a torchrun agent, whose rank failed) that exits with an error leaves the others waiting in a
+    # collective: end the whole step. A preempted step's tasks exit only after the checkpoint's last collective.
+    srun = ["srun", "--label", "--kill-on-bad-exit=1"]
     if job.container_image:
         srun += [f"--container-image={job.container_image}", f"--container-workdir={job.container_workdir}"]
         if job.container_mounts:
@@ -196,6 +204,7 @@ def render(job: SlurmJob, command_line: str) -> str:
         preempted_by=PREEMPTED_BY_FILE,
         port_base=PORT_BASE,
         port_span=PORT_SPAN,
+        ranks_per_task=job.procs_per_node if job.mode == "torchrun" else 1,
     )
 
 
@@ -207,8 +216,9 @@ TEMPLATE = """\
 {nccl_notes}
 
 set -uo pipefail
-# One process per CPU the task was given, unless set already.
-export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}}"
+# Each rank's share of the CPUs its task was given (a torchrun task runs {ranks_per_task} ranks), unless set already.
+threads=$((${{SLURM_CPUS_PER_TASK:-1}} / {ranks_per_task}))
+export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$((threads > 0 ? threads : 1))}}"
 # Rendezvous on the job's first node; the port follows the job id so two jobs sharing a node do not collide.
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
 MASTER_PORT=$(({port_base} + SLURM_JOB_ID % {port_span}))

@@ -7,6 +7,7 @@ line is parsed; `validate()` then checks what types cannot express (divisibility
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -477,8 +478,26 @@ def validate_plan(cfg: PlanConfig, world_size: int) -> None:
     )
 
 
+def unknown_keys(node: object, prefix: str = "") -> list[str]:
+    """Keys a config holds that its schema does not name: what `+key=value` adds, which OmegaConf attaches to the
+    dataclass instead of refusing (a typo such as `+modle=tiny` would otherwise be ignored)."""
+    if isinstance(node, dict):
+        return [key for name, value in node.items() for key in unknown_keys(value, f"{prefix}{name}.")]
+    if isinstance(node, list):
+        return [
+            key for index, value in enumerate(node) for key in unknown_keys(value, f"{prefix.rstrip('.')}[{index}].")
+        ]
+    if not dataclasses.is_dataclass(node):
+        return []
+    names = {f.name for f in dataclasses.fields(node)}
+    found = [f"{prefix}{name}" for name in vars(node) if name not in names]
+    return found + [key for name in names for key in unknown_keys(getattr(node, name), f"{prefix}{name}.")]
+
+
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Checks a whole training config for a given world size; raises ConfigError naming the first bad key."""
+    unknown = unknown_keys(cfg)
+    _require(not unknown, f"{', '.join(unknown)}: not a key of the config (see docs/configuration.md)")
     validate_model(cfg.model)
     _require(cfg.deepspeed.stage in (1, 2, 3), f"deepspeed.stage={cfg.deepspeed.stage} must be 1, 2 or 3")
     _require(

@@ -14,6 +14,9 @@ dry runs, which must not load torch) uses it.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 CRASHED = 1
 REFUSED = 2
 NONFINITE = 3
@@ -40,3 +43,25 @@ def one_line(message: object) -> str:
 def error_line(err: BaseException) -> str:
     """A library's error as one line: its type and the start of its message."""
     return f"{type(err).__name__}: {one_line(err)[:300]}"
+
+
+# Whether the task of a Hydra application (train.py, nopetrain-eval) has begun: see run_refusing_composition_errors.
+_task_started = False
+
+
+def task_started() -> None:
+    """Called first by a Hydra application's task: from here on, Hydra's exit 1 is a crash of the task's."""
+    global _task_started
+    _task_started = True
+
+
+def run_refusing_composition_errors(hydra_main: Callable[[], object]) -> None:
+    """Runs a @hydra.main function. Hydra reports its own errors (an unknown key or group option, a value of the
+    wrong type, a bad override) and exits 1 before calling the task; those are refusals of the command line, so the
+    process exits REFUSED instead, as the job script and sweep drivers reading the code expect."""
+    try:
+        hydra_main()
+    except SystemExit as stop:
+        if stop.code == CRASHED and not _task_started:
+            sys.exit(REFUSED)
+        raise

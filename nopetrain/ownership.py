@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,9 @@ from nopetrain.atomic import write_bytes
 from nopetrain.exits import ExitError, exit_code_of, one_line
 
 LOCK_FILE = "run.lock"
+# How long a rank may go on after another rank recorded its failure before FailureRecord.watch_peers ends it: the
+# normal way out (the collective it waits in fails once the failed rank's connections close) takes seconds.
+PEER_FAILURE_GRACE_S = 30.0
 # prctl(2): the signal this process gets when the thread that forked it exits.
 PR_SET_PDEATHSIG = 1
 
@@ -110,13 +114,19 @@ def die_with_torchrun_agent() -> None:
     directory. SIGKILL rather than a handled signal stops a rank at once even when it waits in a collective, and a
     checkpoint it had not published yet (.incomplete-step_N) is never resumed from. Only under torchrun: a plain
     `python train.py` may rightly outlive the shell that started it (nohup, setsid)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    agent = os.getppid()
+    die_with_parent(os.getppid())
+
+
+def die_with_parent(parent: int) -> None:
+    """Has the kernel SIGKILL this process when `parent` (the process that forked it) dies; Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != agent:  # the agent died before prctl: this rank has been re-parented already
+    if os.getppid() != parent:  # the parent died before prctl: this process has been re-parented already
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -157,6 +167,29 @@ class FailureRecord:
         }
         write_bytes(self.folder / f"failure_rank_{self.rank}.json", (json.dumps(record) + "\n").encode())
         return err
+
+    def watch_peers(self, grace: float = PEER_FAILURE_GRACE_S) -> threading.Event:
+        """Ends this process with the failed rank's exit code and line when another rank has recorded a failure and
+        this one is still running `grace` seconds later: a rank left waiting on a dead peer must end within a bounded
+        time whatever it waits in (a store read, a collective, the group's teardown; one such wait outlived a 120 s
+        test under load with no bound found). Set the returned event to stop watching."""
+        stop = threading.Event()
+        if self.world_size > 1:
+            threading.Thread(target=self._watch, args=(stop, grace), name="peer-failure-watch", daemon=True).start()
+        return stop
+
+    def _watch(self, stop: threading.Event, grace: float) -> None:
+        first = None
+        while first is None:
+            if stop.wait(1.0):
+                return
+            first = self._first_failure()
+        if stop.wait(grace):
+            return
+        failed = PeerFailed(f"rank {first['rank']} failed: {first['message']}", first["exit_code"])
+        print(f"nopetrain: error: {failed} (this rank was still running {grace:.0f} s later)", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(failed.exit_code)
 
     def _first_failure(self) -> dict | None:
         records = []

@@ -25,11 +25,11 @@ from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
 from deepspeed.runtime.config import MUON_OPTIMIZER
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from nopetrain.config import TrainConfig
+from nopetrain.config import ConfigError, TrainConfig
 from nopetrain.model import Transformer
 from nopetrain.optim import param_groups
 from nopetrain.ownership import HolderLock
-from nopetrain.slurm import rank_env_from_slurm
+from nopetrain.slurm import loopback_warning, rank_env_from_slurm
 
 log = logging.getLogger("nopetrain")
 
@@ -162,8 +162,31 @@ def init_distributed() -> DistEnv:
             skip_shm_comm()
         if alone:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:
+            warn_of_a_loopback_hostname()
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise ConfigError(
+                f"MASTER_PORT={os.environ.get('MASTER_PORT')}: the rendezvous port {address} is taken by another "
+                "process; set MASTER_PORT to a free port"
+            ) from None
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
+
+
+def warn_of_a_loopback_hostname() -> None:
+    """The one-line hint of slurm.loopback_warning, before a multi-node rendezvous that would fail on it."""
+    hostname = socket.gethostname()
+    try:
+        address = socket.gethostbyname(hostname)
+    except OSError:
+        return
+    warning = loopback_warning(hostname, address, os.environ)
+    if warning is not None:
+        log.warning(warning)
 
 
 def destroy_process_group(env: DistEnv) -> None:

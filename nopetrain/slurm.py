@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 from nopetrain.config import ConfigError
 
-# A default rendezvous port per job, so two jobs sharing a node do not collide: 20000-59999.
-PORT_BASE, PORT_SPAN = 20000, 40000
+# A default rendezvous port per job, so two jobs sharing a node do not collide: 20000-31999, below Linux's ephemeral
+# range (32768-60999, net.ipv4.ip_local_port_range), where any outgoing connection may already hold the port.
+PORT_BASE, PORT_SPAN = 20000, 12000
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -65,3 +66,19 @@ def rank_env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
         "MASTER_ADDR": environ.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
         "MASTER_PORT": port,
     }
+
+
+def loopback_warning(hostname: str, address: str, environ: Mapping[str, str]) -> str | None:
+    """One line when a rank of a multi-node group would announce `hostname`, which resolves to `address`, a loopback
+    address (Debian's /etc/hosts puts the host's own name on 127.0.1.1), and no interface is named: gloo picks its
+    interface from the hostname, so the other nodes dial their own loopback (`Gloo connectFullMesh failed`)."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    local = int(environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or "1")
+    if (world <= local and nodes <= 1) or "GLOO_SOCKET_IFNAME" in environ or not address.startswith("127."):
+        return None
+    return (
+        f"host {hostname} resolves to {address}, a loopback address, and this group spans nodes: set "
+        "GLOO_SOCKET_IFNAME (every job's gloo side group, a CPU job's whole traffic) and NCCL_SOCKET_IFNAME to the "
+        "interface the nodes share, e.g. eth0"
+    )

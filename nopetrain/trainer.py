@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -312,11 +313,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     watch = PreemptionWatch()
     env: DistEnv | None = None
     record: FailureRecord | None = None
+    peer_watch: threading.Event | None = None
     finished = False
     try:
         env = init_distributed()
         with own_run_dir(Path(cfg.run.dir), env.rank) as incarnation:
             record = FailureRecord(Path(cfg.run.dir), incarnation, env.rank, env.world_size)
+            # Until the group is destroyed: a wait on a failed peer in the teardown is bounded too.
+            peer_watch = record.watch_peers()
             state = _train(cfg, env, watch)
         finished = True
         return state
@@ -332,6 +336,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         watch.uninstall(stopping=not finished)
         if env is not None:
             destroy_process_group(env)
+        if peer_watch is not None:
+            peer_watch.set()
 
 
 def warn_if_over_memory(cfg: TrainConfig, env: DistEnv) -> None:

@@ -69,8 +69,29 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 
 def test_cli_unknown_preset_names_the_group(tmp_path):
     proc = run_cli(f"run.dir={tmp_path}/run", "model=smollm_9000b")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Could not find 'model/smollm_9000b'" in proc.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("modle=tiny", "modle"),  # an unknown key
+        ("model.hidden_sise=128", "hidden_sise"),
+        ("+modle=tiny", "modle"),  # added with +, as Hydra's own message suggests
+        ("+model.hidden_sise=128", "model.hidden_sise"),
+        ("deepspeed=zero9", "deepspeed/zero9"),  # an unknown group option
+        ("data=nonexistent", "data/nonexistent"),
+        ("steps=abc", "steps=abc"),  # a value of the wrong type
+        ("seed=", "seed="),
+    ],
+)
+def test_every_config_refusal_exits_2_hydras_own_included(tmp_path, override, named):
+    """A job script or sweep driver reads 2 as "fix the config, do not retry": Hydra's composition errors exited 1."""
+    proc = run_cli(f"run.dir={tmp_path}/run", override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_run_dir_that_is_a_file_is_one_line(tmp_path):

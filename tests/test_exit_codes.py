@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from nopetrain.ownership import LOCK_FILE, HolderLock
+from nopetrain.config import ConfigError
+from nopetrain.ownership import LOCK_FILE, FailureRecord, HolderLock
 from nopetrain.parallel import free_port
 
 from .helpers import REPO, corpus_overrides, run_train, subprocess_env, train_command
@@ -151,3 +154,41 @@ def test_ranks_that_disagree_end_together_and_the_waiting_one_names_the_failed_r
         assert other == f"{ERROR}rank {failed} failed: {own.removeprefix(ERROR)}"
         failed_lines.add(own)
     assert len(failed_lines) == 1  # the same shard, hence the same rank, every time
+
+
+def test_a_rendezvous_port_that_is_taken_is_refused_in_one_line(tmp_path):
+    """Rank 0 of a task-per-rank start binds MASTER_PORT: another process holding it was a C++ stack trace."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        rank = start_rank(tmp_path / "run", 0, port, "steps=2", "data=synthetic", "wandb.mode=disabled")
+        _, stderr = rank.communicate(timeout=120)
+    assert rank.returncode == 2, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith(ERROR)] == [
+        f"{ERROR}MASTER_PORT={port}: the rendezvous port 127.0.0.1:{port} is taken by another process; set "
+        "MASTER_PORT to a free port"
+    ], stderr[-3000:]
+
+
+def test_a_rank_still_running_after_its_peer_failed_ends_within_the_grace(tmp_path):
+    """Whatever a rank waits in when its peer dies, it ends: here it waits in a sleep no collective error reaches,
+    as the rank that outlived a 120 s timeout under load did."""
+    stuck = (
+        "import time\nfrom pathlib import Path\nfrom nopetrain.ownership import FailureRecord\n"
+        f"FailureRecord(Path({str(tmp_path)!r}), 'incarnation', 0, 2).watch_peers(grace=1.0)\ntime.sleep(120)\n"
+    )
+    rank = subprocess.Popen([sys.executable, "-c", stuck], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        (tmp_path / "logs").mkdir()  # made by the run's logging set-up
+        peer = FailureRecord(tmp_path, "incarnation", 1, 2)
+        peer.stop_with(ConfigError("data.sources.web: shard web-000001.tar: truncated"))
+        _, stderr = rank.communicate(timeout=30)
+    finally:
+        rank.kill()
+    assert rank.returncode == 2, stderr
+    assert stderr.strip() == (
+        f"{ERROR}rank 1 failed: data.sources.web: shard web-000001.tar: truncated (this rank was still running 1 s "
+        "later)"
+    )

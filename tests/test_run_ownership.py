@@ -96,3 +96,32 @@ def test_ranks_of_a_killed_torchrun_agent_stop_without_writing(tmp_path):
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    found = children(pid)
+    return found + [grandchild for child in found for grandchild in descendants(child)]
+
+
+def test_loader_workers_die_with_their_rank_whatever_kills_it(tmp_path, corpus):
+    """SIGKILL leaves no rank to shut its DataLoader workers down: they must not outlive it (they did, with their
+    shards in memory, and piled up under requeues onto the same node). At once, not after torch's watchdog's next
+    look (every 5 s, and only while a worker waits for work: one blocked flushing a full queue never looks)."""
+    run_dir = tmp_path / "run"
+    data = [*corpus_overrides(corpus), *BATCH, "data.num_workers=2", "checkpoint.every=1000", "wandb.mode=disabled"]
+    rank = start_in_session(train_command(run_dir, "steps=1000", *data))
+    left: list[int] = []
+    try:
+        wait_for_steps(rank, run_dir, 2)
+        left = descendants(rank.pid)
+        assert len(left) >= 2, left  # a worker per source and rank at least
+        os.kill(rank.pid, signal.SIGKILL)
+        rank.wait()
+        deadline = time.monotonic() + 2
+        while any(alive(pid) for pid in left) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in left if alive(pid)], "processes of the run left 2 s after its rank was killed"
+    finally:
+        for pid in [rank.pid, *left]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

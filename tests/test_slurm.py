@@ -111,6 +111,9 @@ def test_defaults_cpus_help_and_no_logs_folder_in_the_checkout(capsys, tmp_path,
         (["--partition=a b"], "--partition='a b'"),
         (["--gpus-per-node=0"], "--procs-per-node"),
         (["--env=1X=2"], "--env 1X"),
+        (["--env=WANDB_API_KEY=abc"], "--env WANDB_API_KEY=...: looks like a credential"),
+        (["--env=HF_TOKEN=abc"], "--env HF_TOKEN=...: looks like a credential"),
+        (["--env=DB_PASSWORD=abc"], "--env DB_PASSWORD"),
         (["--", "run.dir=/elsewhere"], "--run-dir"),
     ],
 )
@@ -119,6 +122,45 @@ def test_bad_options_fail_with_one_line_and_write_nothing(capsys, tmp_path, opti
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "bad.sbatch").exists()
+
+
+def job_preamble_env(job_file: Path, cpus_per_task: int, job_id: int) -> dict[str, str]:
+    """What the job file's preamble (up to the run directory line) exports, run by bash with SLURM's variables for a
+    task of `cpus_per_task` CPUs, OMP_NUM_THREADS unset (the suite's own setting would hide the file's)."""
+    text = job_file.read_text()
+    preamble = text[: text.index("RUN_DIR=")].replace(
+        '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"', "node1"
+    )
+    env = {"PATH": os.environ["PATH"], "SLURM_CPUS_PER_TASK": str(cpus_per_task), "SLURM_JOB_ID": str(job_id)}
+    proc = subprocess.run(["bash", "-c", preamble + "\nenv"], env=env, capture_output=True, text=True, check=True)
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+
+@pytest.mark.parametrize(
+    ("mode", "procs", "threads"), [("torchrun", 8, 4), ("torchrun", 2, 16), ("task-per-gpu", 8, 32)]
+)
+def test_each_rank_gets_its_share_of_the_tasks_cpus(capsys, tmp_path, mode, procs, threads):
+    """A torchrun task runs all of a node's ranks: 8 ranks x 32 threads on 32 CPUs oversubscribed the node."""
+    code, err = generate(
+        capsys, tmp_path, "threads", f"--mode={mode}", f"--procs-per-node={procs}", "--cpus-per-task=32"
+    )
+    assert code == 0, err
+    assert job_preamble_env(tmp_path / "threads.sbatch", 32, 7)["OMP_NUM_THREADS"] == str(threads)
+
+
+@pytest.mark.parametrize("mode", ["torchrun", "task-per-gpu"])
+def test_a_failed_task_ends_the_step_and_the_port_is_outside_the_ephemeral_range(capsys, tmp_path, mode):
+    code, err = generate(capsys, tmp_path, "ports", f"--mode={mode}")
+    assert code == 0, err
+    text = (tmp_path / "ports.sbatch").read_text()
+    assert "\nsrun \\\n    --label \\\n    --kill-on-bad-exit=1 \\\n" in text, text
+    assert "GLOO_SOCKET_IFNAME" in text
+    # Linux's default ip_local_port_range is 32768-60999: outgoing connections take their ports from it.
+    ports = {
+        int(job_preamble_env(tmp_path / "ports.sbatch", 4, job_id)["MASTER_PORT"])
+        for job_id in (0, 1, 11999, 12000, 39999, 123456789)
+    }
+    assert min(ports) >= 1024 and max(ports) < 32768, (min(ports), max(ports))
 
 
 def test_time_limits_in_every_slurm_format():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nopetrain.config import ConfigError
-from nopetrain.slurm import PORT_BASE, PORT_SPAN, expand_nodelist, rank_env_from_slurm
+from nopetrain.slurm import PORT_BASE, PORT_SPAN, expand_nodelist, loopback_warning, rank_env_from_slurm
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,23 @@ def test_missing_nodelist_is_named():
     task = {key: value for key, value in SRUN_TASK.items() if "NODELIST" not in key}
     with pytest.raises(ConfigError, match="SLURM_JOB_NODELIST"):
         rank_env_from_slurm(task)
+
+
+@pytest.mark.parametrize(
+    ("environ", "address", "warned"),
+    [
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, "127.0.1.1", True),  # torchrun, two nodes
+        ({"WORLD_SIZE": "2", "SLURM_JOB_NUM_NODES": "2"}, "127.0.0.1", True),  # a task per rank, two nodes
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, "127.0.1.1", False),  # one node: loopback is right
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, "10.0.0.7", False),
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "eth0"}, "127.0.1.1", False),
+    ],
+)
+def test_a_multi_node_rank_on_a_loopback_hostname_is_told_which_variables_to_set(environ, address, warned):
+    """Debian's /etc/hosts puts the host's own name on 127.0.1.1: gloo then announces it, and every multi-node start
+    failed with `Gloo connectFullMesh failed ... remote=[127.0.1.1]`, with nothing pointing at the cause."""
+    warning = loopback_warning("node1", address, environ)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"host node1 resolves to {address}" in warning and "GLOO_SOCKET_IFNAME" in warning
+        assert "NCCL_SOCKET_IFNAME" in warning and "\n" not in warning

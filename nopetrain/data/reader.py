@@ -16,8 +16,10 @@ out what is left of each epoch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nopetrain.config import ConfigError, TrainConfig
 from nopetrain.data.shards import ShardError, Source, read_shard
 from nopetrain.data_pipelines.errors import DataError
+from nopetrain.ownership import die_with_parent
 from nopetrain.preemption import ignore_preemption_signals, preemption_signals_blocked
 
 log = logging.getLogger("nopetrain")
@@ -58,6 +61,15 @@ def owned_positions(shards: int, rank: int, world_size: int, workers: int) -> li
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Positions and the worker side.
+
+
+def _init_worker(rank_pid: int, worker_id: int) -> None:
+    """A DataLoader worker ignores the preemption signals (its rank shuts it down) and dies with its rank whatever
+    kills the rank: after a SIGKILL nothing shuts it down, and torch's watchdog looks only while the worker waits for
+    work, so workers blocked on a full queue outlived their rank with their shards in memory. The iterator that forks
+    them lives in the training thread, whose exit is the process's."""
+    ignore_preemption_signals(worker_id)
+    die_with_parent(rank_pid)
 
 
 class _Progress:
@@ -191,7 +203,7 @@ class SourceReader:
             num_workers=workers,
             collate_fn=_as_is,
             prefetch_factor=PREFETCH if workers else None,
-            worker_init_fn=ignore_preemption_signals,
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
         )
         with preemption_signals_blocked():  # the workers start (fork) here
             return iter(loader)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from nopetrain.eval.config import register_configs
 from nopetrain.eval.evaluate import evaluate
 from nopetrain.eval.report import write_report
-from nopetrain.exits import ExitError
+from nopetrain.exits import ExitError, run_refusing_composition_errors, task_started
 
 register_configs()
 
@@ -26,6 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="eval")
 def main(cfg: DictConfig) -> None:
+    task_started()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     eval_cfg = OmegaConf.to_object(cfg)
     try:
@@ -37,5 +38,10 @@ def main(cfg: DictConfig) -> None:
     print(f"wrote {', '.join(str(path) for path in files.values())}")
 
 
+def cli() -> None:
+    """The nopetrain-eval command: a config Hydra refuses exits 2, as a bad value does."""
+    run_refusing_composition_errors(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

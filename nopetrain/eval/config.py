@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from nopetrain.config import ConfigError
+from nopetrain.config import ConfigError, unknown_keys
 from nopetrain.data_pipelines.lookup_text import NIAH_TASKS
 from nopetrain.rope import METHODS as ROPE_METHODS
 from nopetrain.rope import YARN_RAMPS
@@ -192,6 +192,8 @@ def _validate_report(cfg: EvalConfig) -> None:
 
 def validate(cfg: EvalConfig) -> None:
     """Raises ConfigError naming the first bad key."""
+    unknown = unknown_keys(cfg)
+    _require(not unknown, f"{', '.join(unknown)}: not a key of the evaluation's config (nopetrain/eval/config.py)")
     _require((cfg.checkpoint is None) != (not cfg.models), "set exactly one of checkpoint=PATH and +models.NAME=PATH")
     _require(bool(cfg.heldout), "heldout is empty; name at least one held-out source")
     names = [Path(path).name for path in cfg.heldout]

@@ -13,6 +13,7 @@ from tests.helpers import build_corpus, set_one_rank_env
 # would run alone at the end while the other worker idles.
 LONGEST_FIRST = (
     "test_slurm.py",  # 310-415
+    "test_slurm_multinode.py",  # two SLURM nodes, five jobs
     "test_trainer.py",  # 240
     "test_preemption.py",  # 190
     "test_exit_codes.py",  # 190

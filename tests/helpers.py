@@ -148,3 +148,16 @@ def tiny_model(**overrides) -> Transformer:
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return Transformer(cfg).eval()
+
+
+def damage_one_of_two_web_shards(corpus: Path, tmp_path: Path, shard: int) -> Path:
+    """A copy of the corpus whose web source has two shards, one of them cut short: with two ranks, each reads one."""
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    manifest_path = copy / "train" / "web" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"] = manifest["shards"][:2]
+    manifest_path.write_text(json.dumps(manifest))
+    bad = copy / "train" / "web" / manifest["shards"][shard]["path"]
+    bad.write_bytes(bad.read_bytes()[:1000])
+    return copy

@@ -1,4 +1,7 @@
-"""A real one-node SLURM cluster (munged + slurmctld + slurmd on localhost) in a temporary directory, for tests.
+"""A real SLURM cluster (munged + slurmctld + a slurmd per node, all on localhost) in a temporary directory, for
+tests. One node is this host; several are node1, node2, ...: each slurmd runs in UTS and mount namespaces of its own
+(`unshare`), with its node's hostname and an /etc/hosts that maps every node to 127.0.0.1, so its jobs see the host
+they would on a real cluster while all traffic stays on the loopback interface.
 
 Debian's slurm-wlm 22.05 runs here with process tracking by /proc (no cgroups), no task plugin, no accounting and
 root as SlurmUser; cred_expire=10 and a 5 s scheduler interval let a requeued job start again after ~12 s instead
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from nopetrain.parallel import free_port
 
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "unshare")
 
 
 def unavailable_reason() -> str | None:
@@ -45,11 +49,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket.2,cred_expire=10
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -62,19 +66,20 @@ ReturnToService=2
 # A cancelled job's processes get SIGKILL 5 s after SIGTERM (default 30 s).
 KillWait=5
 MailProg=/bin/true
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+{node_lines}
 # A job in `urgent` preempts those in `debug`: SIGTERM to their steps, requeued after the grace time if still running.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
-PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes={nodes} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 2) -> None:
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1) -> None:
         self.root = root
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = [self.host] if nodes == 1 else [f"node{index}" for index in range(1, nodes + 1)]
         self.cpus = cpus
         self.daemons: list[subprocess.Popen] = []
         self.env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
@@ -96,11 +101,17 @@ class SlurmCluster:
         key = munge / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        for name in ("state", "spool"):
-            (self.root / name).mkdir()
+        (self.root / "state").mkdir()
+        node_lines = [
+            f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} CPUs={self.cpus} State=UNKNOWN"
+            for node in self.nodes
+        ]
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(parents=True)
         conf = SLURM_CONF.format(
-            host=self.host, root=self.root, cpus=self.cpus, ctld_port=free_port(), slurmd_port=free_port()
-        )
+            host=self.host, root=self.root, ctld_port=free_port(), slurmd_port=free_port(),
+            node_lines="\n".join(node_lines), nodes=",".join(self.nodes),
+        )  # fmt: skip
         (self.root / "slurm.conf").write_text(conf)
         self._daemon(
             "munged", "--foreground", "--force", f"--key-file={key}", f"--socket={munge}/munge.socket.2",
@@ -110,11 +121,20 @@ class SlurmCluster:
         self._wait_for(lambda: (munge / "munge.socket.2").exists(), "munged socket")
         self._daemon("slurmctld", "-D", "-c", "-f", str(self.root / "slurm.conf"), log="slurmctld.out")
         self._wait_for(lambda: self.run("scontrol", "ping", check=False).returncode == 0, "slurmctld")
-        self._daemon("slurmd", "-D", "-N", self.host, "-f", str(self.root / "slurm.conf"), log="slurmd.out")
-        self._wait_for(lambda: self.node_state().startswith("IDLE"), "an idle node")
+        hosts = self.root / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost {self.host} {' '.join(self.nodes)}\n")
+        for node in self.nodes:
+            slurmd = ["slurmd", "-D", "-N", node, "-f", str(self.root / "slurm.conf")]
+            if node != self.host:
+                # Its own hostname and /etc/hosts, in namespaces its jobs inherit.
+                script = f"hostname {node} && mount --bind {hosts} /etc/hosts && exec {shlex.join(slurmd)}"
+                slurmd = ["unshare", "--uts", "--mount", "sh", "-c", script]
+            self._daemon(*slurmd, log=f"slurmd-{node}.out")
+        for node in self.nodes:
+            self._wait_for(lambda node=node: self.node_state(node).startswith("IDLE"), f"node {node} idle")
 
-    def node_state(self) -> str:
-        out = self.run("scontrol", "show", "node", self.host, check=False).stdout
+    def node_state(self, node: str | None = None) -> str:
+        out = self.run("scontrol", "show", "node", node or self.nodes[0], check=False).stdout
         match = re.search(r"State=(\S+)", out)
         return match.group(1) if match else ""
 
@@ -174,8 +194,8 @@ class SlurmCluster:
 
 
 @contextmanager
-def slurm_cluster(root: Path, cpus: int = 2) -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster(root, cpus)
+def slurm_cluster(root: Path, cpus: int = 2, nodes: int = 1) -> Iterator[SlurmCluster]:
+    cluster = SlurmCluster(root, cpus, nodes)
     try:
         cluster.start()
         yield cluster

@@ -18,7 +18,7 @@ from nopetrain.config import ConfigError
 from nopetrain.ownership import LOCK_FILE, FailureRecord, HolderLock
 from nopetrain.parallel import free_port
 
-from .helpers import REPO, corpus_overrides, run_train, subprocess_env, train_command
+from .helpers import REPO, corpus_overrides, damage_one_of_two_web_shards, run_train, subprocess_env, train_command
 
 REPEAT = 20
 BATCH = ("global_batch_size=8", "micro_batch_size=4", "seq_len=64")
@@ -107,19 +107,6 @@ def test_finished_runs_exit_0_and_a_non_finite_stop_exits_3_every_time(tmp_path)
     codes, stderr = run_repeated(tmp_path / "nan", *nonfinite, times=5)
     assert codes == [3] * 5
     assert len([row for row in stderr if row.startswith(f"{ERROR}2 optimizer steps in a row")]) == 5
-
-
-def damage_one_of_two_web_shards(corpus: Path, tmp_path: Path, shard: int) -> Path:
-    """A copy of the corpus whose web source has two shards, one of them cut short: with two ranks, each reads one."""
-    copy = tmp_path / "corpus"
-    shutil.copytree(corpus, copy)
-    manifest_path = copy / "train" / "web" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["shards"] = manifest["shards"][:2]
-    manifest_path.write_text(json.dumps(manifest))
-    bad = copy / "train" / "web" / manifest["shards"][shard]["path"]
-    bad.write_bytes(bad.read_bytes()[:1000])
-    return copy
 
 
 def start_rank(run_dir: Path, rank: int, port: int, *overrides: str) -> subprocess.Popen:
